@@ -1,0 +1,30 @@
+# Two commands set up and run everything on a fresh machine:
+#   make demo   creates .venv, installs strata, embeds the sample corpus with the packaged model
+#   make test   creates .venv (if needed), installs strata with test extras, runs the test suite
+#
+# TORCH picks the PyTorch build. The default pins the release whose CPU build this project's
+# machines hold locally, so CPU-only set-up never downloads a multi-GB CUDA build. Elsewhere:
+#   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu"   (CPU machine)
+#   make demo TORCH=torch                                                       (GPU machine)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/strata run configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,84 @@
+"""The manifest under OUTPUT/_manifest: the run's identity and one commit record per fragment.
+
+`run.json` holds the resolved config, its fingerprint, the model identity and the latest
+summary. `fragments/<id>.json` is written only after every data file of that fragment is in
+place: a fragment with a record is done, one without is recomputed. That is all resuming needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from pipeline.errors import OutputError
+from pipeline.storage import Location
+
+RUN_FILE = "_manifest/run.json"
+FRAGMENTS_DIR = "_manifest/fragments"
+
+
+@dataclass
+class CommitRecord:
+    fragment: str
+    source: str
+    start: int
+    end: int
+    files: list[str]
+    rows: int  # input rows in the range
+    docs: int  # rows embedded
+    quarantined: int
+    blank: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+    quarantine_file: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Manifest:
+    def __init__(self, location: Location):
+        self.location = location
+
+    def read_run(self) -> dict | None:
+        if not self.location.exists(RUN_FILE):
+            return None
+        return json.loads(self.location.read_bytes(RUN_FILE))
+
+    def write_run(self, run: dict) -> None:
+        self.location.write_bytes(json.dumps(run, indent=2).encode(), RUN_FILE)
+
+    def begin(self, run: dict) -> None:
+        """Claim the output for this run, or refuse if it holds a run with other settings."""
+        previous = self.read_run()
+        if previous and previous.get("fingerprint") != run["fingerprint"]:
+            raise OutputError(
+                f"output {self.location.uri()} holds a run made with different settings "
+                f"(fingerprint {previous.get('fingerprint')} there, {run['fingerprint']} now); "
+                "use a new output.uri, or delete the old output to start over"
+            )
+        if previous and "summary" in previous:
+            run = {**run, "summary": previous["summary"]}
+        self.write_run(run)
+
+    def committed(self) -> set[str]:
+        return {n.removesuffix(".json") for n in self.location.list_names(FRAGMENTS_DIR) if n.endswith(".json")}
+
+    def commit(self, record: CommitRecord) -> None:
+        self.location.write_bytes(json.dumps(asdict(record)).encode(), FRAGMENTS_DIR, f"{record.fragment}.json")
+
+    def records(self) -> list[CommitRecord]:
+        return [
+            CommitRecord(**json.loads(self.location.read_bytes(FRAGMENTS_DIR, f"{fid}.json")))
+            for fid in sorted(self.committed())
+        ]
+
+
+def check_writable(location: Location) -> None:
+    """Fail early, with the path in the message, when the output cannot be created."""
+    try:
+        location.fs.makedirs(location.path(FRAGMENTS_DIR), exist_ok=True)
+        probe = location.path("_manifest", ".write-probe")
+        location.fs.pipe_file(probe, b"ok")
+        location.fs.rm(probe)
+    except (OSError, PermissionError) as exc:
+        raise OutputError(f"output.uri {location.uri()} is not writable: {exc.strerror or exc}") from None

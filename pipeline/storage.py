@@ -1,0 +1,68 @@
+"""One storage vocabulary over fsspec: local paths and object stores (s3://, ...) are the same code.
+
+A `Location` is a filesystem plus a root path; everything strata reads or writes goes through
+it, so object storage drops in without touching the rest of the pipeline.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass(frozen=True)
+class Location:
+    fs: fsspec.AbstractFileSystem
+    root: str  # path inside fs, no protocol, no trailing slash
+
+    @classmethod
+    def from_uri(cls, uri: str) -> "Location":
+        fs, path = fsspec.core.url_to_fs(uri)
+        return cls(fs, path.rstrip("/") or "/")
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def uri(self, *parts: str) -> str:
+        return self.fs.unstrip_protocol(self.path(*parts)) if not self.is_local else self.path(*parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write a whole object so that readers never see it half-written.
+
+        Locally: a temporary sibling then an atomic rename. On object storage a single PUT is
+        already all-or-nothing.
+        """
+        target = self.path(*parts)
+        if not self.is_local:
+            self.fs.pipe_file(target, data)
+            return
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        temp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.pipe_file(temp, data)
+        self.fs.mv(temp, target)
+
+    def list_names(self, *parts: str) -> list[str]:
+        """Base names of the files directly under a folder; empty if the folder does not exist."""
+        folder = self.path(*parts)
+        try:
+            entries = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        return [posixpath.basename(e.rstrip("/")) for e in entries]
+
+    def remove(self, *parts: str) -> None:
+        self.fs.rm(self.path(*parts))

@@ -1,0 +1,153 @@
+"""End to end through a real local Ray cluster: shards in, partitioned Parquet + manifest out."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import parse_config
+from pipeline.embedder import Embedder, EmbedSettings
+from pipeline.errors import OutputError
+from pipeline.extract import resolve_output
+from pipeline.runner import RunFailed, run
+from pipeline.tokenize import TextTokenizer
+
+from conftest import CORPUS
+
+OUTPUTS = [
+    {"name": "sentence", "layers": [-1], "pooling": "mean", "combine": "concat", "normalize": True},
+    {"name": "layers_mean", "layers": "all", "pooling": "mean", "combine": "stack"},
+]
+
+
+def small_corpus(folder: Path, docs_per_shard=(14, 9)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (CORPUS / "part-0.jsonl").read_text().splitlines()
+    start = 0
+    for i, count in enumerate(docs_per_shard):
+        (folder / f"s{i}.jsonl").write_text("\n".join(lines[start : start + count]) + "\n")
+        start += count
+    return folder
+
+
+def config(input_uri, output_uri, **sections):
+    raw = {"input": {"uri": str(input_uri)}, "model": {"max_length": 64}, "outputs": OUTPUTS,
+           "batching": {"fragment_docs": 5, "token_budget": 1024}, "output": {"uri": str(output_uri)}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(raw)
+
+
+def read_output(out: Path) -> pa.Table:
+    return ds.dataset(out / "data", partitioning="hive").to_table()
+
+
+def data_files(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "data").rglob("*.parquet")}
+
+
+def test_end_to_end_run_resume_and_recompute_one_fragment(ray_cluster, tmp_path):
+    corpus, out = small_corpus(tmp_path / "in"), tmp_path / "out"
+    cfg = config(corpus, out)
+    summary = run(cfg)
+    assert summary["docs"] == 23 and summary["quarantined"] == 0 and summary["fragments"] == "5 / 5"
+
+    table = read_output(out)
+    assert table.num_rows == 23
+    assert len(set(table["id"].to_pylist())) == 23
+    assert set(table["source"].to_pylist()) == {"s0.jsonl", "s1.jsonl"}
+    assert table.schema.field("sentence").type == pa.list_(pa.float16(), 384)
+    assert table.schema.field("layers_mean").type == pa.list_(pa.list_(pa.float16(), 384), 7)
+    assert (out / "data" / "source=s0.jsonl").is_dir()
+    meta = pq.read_schema(next((out / "data").rglob("*.parquet"))).metadata
+    assert json.loads(meta[b"strata.layers"]) == {"sentence": [6], "layers_mean": [0, 1, 2, 3, 4, 5, 6]}
+    assert meta[b"strata.config_fingerprint"].decode() == cfg.fingerprint()
+
+    run_json = json.loads((out / "_manifest" / "run.json").read_text())
+    assert run_json["fingerprint"] == cfg.fingerprint()
+    assert run_json["model"]["num_layers"] == 6 and len(run_json["model"]["weights_sha256"]) == 64
+    assert run_json["summary"]["docs"] == 23
+    assert len(list((out / "_manifest" / "fragments").glob("*.json"))) == 5
+
+    # vectors equal the plain embedder's on the same texts, rounded to float16
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in (corpus / "s0.jsonl").read_text().splitlines()}
+    ids = sorted(texts)[:6]
+    model = run_json["model"]
+    from pipeline.model import ModelInfo
+
+    info = ModelInfo(**model)
+    outputs = tuple(resolve_output(spec, 6) for spec in cfg.outputs)
+    tokens = TextTokenizer(info.path, 64).encode([texts[i] for i in ids])
+    direct = Embedder(EmbedSettings(info, outputs, "float32", 1024, "float16"), torch.device("cpu"))
+    expected = direct.embed(tokens.ids, tokens.lengths).vectors
+    rows = {r["id"]: r for r in table.filter(pa.compute.is_in(table["id"], pa.array(ids))).to_pylist()}
+    for k, doc_id in enumerate(ids):
+        np.testing.assert_allclose(np.array(rows[doc_id]["sentence"], np.float32), expected["sentence"][k], atol=2e-3)
+        np.testing.assert_allclose(np.array(rows[doc_id]["layers_mean"], np.float32),
+                                   expected["layers_mean"][k], atol=2e-3)
+
+    # a rerun of a finished run does no work and touches no file
+    before = data_files(out)
+    again = run(cfg)
+    assert again["fragments_this_run"] == 0 and again["docs"] == 23
+    assert data_files(out) == before
+
+    # losing one commit record recomputes exactly that fragment
+    record = sorted((out / "_manifest" / "fragments").glob("*.json"))[2]
+    lost = json.loads(record.read_text())
+    record.unlink()
+    third = run(cfg)
+    assert third["fragments_this_run"] == 1 and third["docs_this_run"] == lost["docs"]
+    after = data_files(out)
+    changed = {name for name in after if after[name] != before[name]}
+    assert changed == set(lost["files"])
+    assert read_output(out).num_rows == 23
+
+
+def test_quarantine_reconciles_and_error_budget_fails_the_run(ray_cluster, tmp_path):
+    corpus = small_corpus(tmp_path / "in", docs_per_shard=(6,))
+    with open(corpus / "s0.jsonl", "a") as f:
+        f.write('{"id": "bad-json"\n{"id": "no-text"}\n\n{"id": "empty", "text": ""}\n')
+    out = tmp_path / "out"
+    summary = run(config(corpus, out, run={"max_error_rate": 0.5}))
+    assert (summary["docs"], summary["quarantined"], summary["blank"]) == (6, 3, 1)
+    quarantine = ds.dataset(out / "quarantine").to_table()
+    reasons = sorted(quarantine["reason"].to_pylist())
+    assert reasons[0] == "'text' is empty or whitespace"
+    assert reasons[1].startswith("malformed JSON")
+    assert reasons[2] == "no 'text' field"
+    assert sorted(quarantine["id"].to_pylist()) == ["empty", "no-text", "s0.jsonl#6"]
+    with pytest.raises(RunFailed, match=r"3 of 9 documents were quarantined"):
+        run(config(corpus, tmp_path / "strict", run={"max_error_rate": 0.01}))
+
+
+def test_partition_by_keep_field_and_none(ray_cluster, tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    with open(corpus / "s.jsonl", "w") as f:
+        for i in range(7):
+            f.write(json.dumps({"id": str(i), "text": f"document number {i}", "lang": ["en", "fr/be", None][i % 3]}) + "\n")
+    out = tmp_path / "by-lang"
+    run(config(corpus, out, input={"keep_fields": ["lang"]}, output={"partition_by": "lang"}))
+    table = read_output(out)
+    assert sorted(zip(table["id"].to_pylist(), table["lang"].to_pylist())) == [
+        (str(i), ["en", "fr/be", None][i % 3]) for i in range(7)]
+    assert (out / "data" / "lang=fr%2Fbe").is_dir()
+    flat = tmp_path / "flat"
+    run(config(corpus, flat, output={"partition_by": "none"}))
+    assert {p.parent.name for p in (flat / "data").rglob("*.parquet")} == {"data"}
+    assert ds.dataset(flat / "data").count_rows() == 7
+
+
+def test_resuming_with_other_vector_settings_is_refused(ray_cluster, tmp_path):
+    corpus, out = small_corpus(tmp_path / "in", docs_per_shard=(3,)), tmp_path / "out"
+    run(config(corpus, out))
+    run(config(corpus, out, compute={"replicas": 1}, batching={"token_budget": 512}))  # allowed
+    with pytest.raises(OutputError, match="different settings"):
+        run(config(corpus, out, output={"precision": "float32"}))
