@@ -8,7 +8,7 @@ place: a fragment with a record is done, one without is recomputed. That is all 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from pipeline.errors import OutputError
 from pipeline.storage import Location
@@ -32,7 +32,6 @@ class CommitRecord:
     padded_tokens: int
     seconds: float
     quarantine_file: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Manifest:

@@ -20,7 +20,7 @@ LOG_EVERY_SECONDS = 5.0
 class RunProgress:
     def __init__(self, console: Console, total_rows: int, done_rows: int):
         self.console = console
-        self.total, self.done = total_rows, done_rows
+        self.total, self.done, self.done_before = total_rows, done_rows, done_rows
         self.tokens = 0
         self.started = time.monotonic()
         self.last_log = 0.0
@@ -51,7 +51,11 @@ class RunProgress:
             self.bar.update(self.task, completed=self.done, rate=rate)
         elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS or self.done >= self.total:
             self.last_log = time.monotonic()
-            self.console.print(f"progress: {self.done:,}/{self.total:,} rows, {rate}, {elapsed:,.0f} s elapsed")
+            done_here = self.done - self.done_before
+            eta = (self.total - self.done) * elapsed / done_here if done_here else float("nan")
+            self.console.print(
+                f"progress: {self.done:,}/{self.total:,} rows, {rate}, {elapsed:,.0f} s elapsed, ETA {eta:,.0f} s"
+            )
 
 
 def summary_table(summary: dict) -> Table:

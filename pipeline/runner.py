@@ -55,8 +55,8 @@ def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]
     return model, outputs
 
 
-def make_plan(config: StrataConfig) -> Plan:
-    model, outputs = resolve(config)
+def make_plan(config: StrataConfig, resolved: tuple[ModelInfo, tuple[ResolvedOutput, ...]] | None = None) -> Plan:
+    model, outputs = resolved or resolve(config)
     shards = list_shards(config.input)
     fs, _ = fsspec.core.url_to_fs(config.input.uri)
     with ThreadPoolExecutor(COUNT_THREADS) as pool:
@@ -85,9 +85,10 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
     """Embed every pending fragment; returns the summary (also saved in run.json)."""
     console = console or Console(stderr=True)
     started = time.monotonic()
-    plan = make_plan(config)
+    resolved = resolve(config)
     location = Location.from_uri(config.output.uri)
-    check_writable(location)
+    check_writable(location)  # before listing and counting a corpus that may be large
+    plan = make_plan(config, resolved)
     manifest = Manifest(location)
     run_info = run_record(plan)
     manifest.begin(run_info)

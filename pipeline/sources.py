@@ -44,16 +44,15 @@ class FragmentRows:
 
 
 def detect_format(name: str, declared: str) -> tuple[str | None, str | None]:
-    """(format, compression) of a file name; format None means "not a corpus file"."""
+    """(format, compression) of a file; format None means "not a corpus file, skip it".
+
+    With `auto` the extension decides; a declared format applies to every file found.
+    """
     stem, ext = posixpath.splitext(name.lower())
     compression = COMPRESSIONS.get(ext)
     if compression:
         stem, ext = posixpath.splitext(stem)
-    fmt = FORMATS.get(ext)
-    if declared != "auto":
-        if fmt is None and ext not in ("",):
-            return None, compression
-        fmt = declared
+    fmt = FORMATS.get(ext) if declared == "auto" else declared
     if fmt == "parquet" and compression:
         return None, compression  # parquet compresses inside the file
     return fmt, compression
@@ -123,31 +122,24 @@ def read_ranges(
 ) -> Iterator[FragmentRows]:
     """Yield one FragmentRows per (start, end) row range, in order, reading the shard once."""
     ranges = sorted(ranges)
+    kept_types: dict[str, pa.DataType] = {}
     if shard.format == "parquet":
+        with fs.open(shard.path, "rb") as f:
+            schema = pq.read_schema(f)
+        kept_types = {n: schema.field(n).type for n in cfg.keep_fields if n in schema.names}
         records = _parquet_records(fs, shard, cfg, ranges[-1][1])
     else:
         records = _line_records(fs, shard)
-    builder = None
-    pending = iter(ranges)
-    start, end = next(pending)
-    for row, record in records:
-        if row < start:
-            continue
-        while row >= end:
-            yield (builder or _Builder(shard, cfg)).finish()
-            builder = None
-            try:
-                start, end = next(pending)
-            except StopIteration:
-                return
-        if row < start:
-            continue
-        builder = builder or _Builder(shard, cfg)
-        builder.add(row, record)
-    # ranges past the end of the shard (or the last one) are finished with what was read
-    yield (builder or _Builder(shard, cfg)).finish()
-    for _ in pending:
-        yield _Builder(shard, cfg).finish()
+    upcoming = next(records, None)
+    for start, end in ranges:
+        builder = _Builder(shard, cfg, kept_types)
+        while upcoming is not None and upcoming[0] < end:
+            row, record = upcoming
+            if row >= start:
+                builder.add(row, record)
+            upcoming = next(records, None)
+        yield builder.finish()
+    records.close()
 
 
 def _line_records(fs, shard: Shard) -> Iterator[tuple[int, bytes]]:
@@ -203,8 +195,8 @@ def _parquet_records(fs, shard: Shard, cfg: InputConfig, stop: int) -> Iterator[
 class _Builder:
     """Collects the rows of one range and turns them into a FragmentRows."""
 
-    def __init__(self, shard: Shard, cfg: InputConfig):
-        self.shard, self.cfg = shard, cfg
+    def __init__(self, shard: Shard, cfg: InputConfig, kept_types: dict[str, pa.DataType]):
+        self.shard, self.cfg, self.kept_types = shard, cfg, kept_types
         self.ids: list[str] = []
         self.rows: list[int] = []
         self.texts: list[str] = []
@@ -250,7 +242,8 @@ class _Builder:
             "text": pa.array(self.texts, pa.string()),
         }
         for name, values in self.kept.items():
-            columns[name] = _kept_array(values)
+            kept_type = self.kept_types.get(name)
+            columns[name] = _kept_array(values) if kept_type is None else pa.array(values, kept_type)
         self.out.docs = pa.table(columns)
         return self.out
 
@@ -268,9 +261,8 @@ def _text_problem(text: object, field_name: str, present: bool) -> str | None:
 
 
 def _kept_array(values: list) -> pa.Array:
-    """Arrow array for a kept field; mixed or nested JSON values are stored as JSON strings."""
-    try:
-        array = pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        array = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
-    return array.cast(pa.string()) if pa.types.is_null(array.type) else array
+    """A kept field from JSONL/text as strings (numbers, lists and objects as JSON text).
+
+    One type whatever a fragment happens to hold, so every data file shares one schema.
+    """
+    return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())

@@ -67,12 +67,22 @@ def read_all(path: Path, ranges, **cfg):
 
 def test_reads_row_ranges_with_ids_and_kept_fields(tmp_path: Path):
     path = tmp_path / "s.jsonl"
-    path.write_text(lines(*({"id": f"d{i}", "text": f"text {i}", "lang": "en" if i % 2 else "fr"} for i in range(7))))
-    parts = read_all(path, [(0, 3), (3, 6), (6, 7)], keep_fields=["lang"])
+    path.write_text(lines(*({"id": f"d{i}", "text": f"text {i}", "lang": "en" if i % 2 else "fr", "n": i}
+                            for i in range(7))))
+    parts = read_all(path, [(0, 3), (3, 6), (6, 7)], keep_fields=["lang", "n", "absent"])
     assert [p.docs["id"].to_pylist() for p in parts] == [["d0", "d1", "d2"], ["d3", "d4", "d5"], ["d6"]]
     assert parts[1].docs["row"].to_pylist() == [3, 4, 5]
     assert parts[0].docs["lang"].to_pylist() == ["fr", "en", "fr"]
     assert parts[0].docs["source"].to_pylist() == ["s.jsonl"] * 3
+    # JSON values are kept as text, so every fragment's file has the same schema
+    assert parts[2].docs["n"].to_pylist() == ["6"] and parts[2].docs["n"].type == pa.string()
+    assert parts[2].docs["absent"].to_pylist() == [None] and parts[2].docs["absent"].type == pa.string()
+
+
+def test_a_declared_format_reads_any_extension(tmp_path: Path):
+    (tmp_path / "corpus.dat").write_text(lines({"text": "x"}))
+    [shard] = list_shards(InputConfig(uri=str(tmp_path), format="jsonl"))
+    assert (shard.source, shard.format) == ("corpus.dat", "jsonl")
 
 
 def test_only_the_asked_ranges_are_returned(tmp_path: Path):
@@ -104,10 +114,11 @@ def test_bad_rows_are_quarantined_with_reasons_and_blank_lines_counted(tmp_path:
 
 def test_parquet_ranges_and_missing_text_column(tmp_path: Path):
     path = tmp_path / "s.parquet"
-    pq.write_table(pa.table({"id": [f"p{i}" for i in range(10)], "text": [f"t{i}" for i in range(10)]}), path,
-                   row_group_size=3)
-    parts = read_all(path, [(2, 5), (8, 10)])
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(10)], "text": [f"t{i}" for i in range(10)],
+                             "label": list(range(10))}), path, row_group_size=3)
+    parts = read_all(path, [(2, 5), (8, 10)], keep_fields=["label"])
     assert [p.docs["id"].to_pylist() for p in parts] == [["p2", "p3", "p4"], ["p8", "p9"]]
+    assert parts[1].docs["label"].to_pylist() == [8, 9] and parts[1].docs["label"].type == pa.int64()
     with pytest.raises(InputError, match="has no column 'body'"):
         read_all(path, [(0, 10)], text_field="body")
 
