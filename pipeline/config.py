@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import ConfigError
 
 # Columns strata writes itself; an output or keep field may not reuse these names.
-RESERVED_COLUMNS = frozenset({"id", "source", "row", "window", "n_tokens", "truncated"})
+RESERVED_COLUMNS = frozenset({"id", "source", "row", "window", "window_span", "n_tokens", "truncated"})
 _SLICE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
 _COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -73,7 +73,10 @@ class OutputSpec(_Strict):
     pooling: Literal["cls", "mean", "max", "first_last_avg", "none"] = Field("mean", description="Token pooling")
     combine: Literal["stack", "concat", "mean", "sum", "weighted"] = Field("stack", description="Layer combination")
     weights: list[float] | None = Field(None, description="Per-layer weights for combine: weighted")
-    normalize: bool = Field(False, description="L2-normalize after pooling/combining")
+    normalize: bool = Field(False, description="L2-normalize after pooling/combining (per token when pooling: none)")
+    words: Literal["none", "first", "mean"] = Field(
+        "none", description="pooling none only: none = sub-token vectors; first / mean = word vectors"
+    )
 
     @field_validator("name")
     @classmethod
@@ -102,8 +105,11 @@ class OutputSpec(_Strict):
             raise ValueError("combine: weighted needs weights: [one number per selected layer]")
         if self.combine != "weighted" and self.weights is not None:
             raise ValueError("weights are only used with combine: weighted")
-        if isinstance(self.layers, list) and self.weights is not None and len(self.weights) != len(self.layers):
+        if isinstance(self.layers, list) and self.weights is not None and self.pooling != "first_last_avg" \
+                and len(self.weights) != len(self.layers):
             raise ValueError(f"weights has {len(self.weights)} numbers but layers selects {len(self.layers)} layers")
+        if self.words != "none" and self.pooling != "none":
+            raise ValueError(f"words: {self.words} makes word vectors, which needs pooling: none (token-level)")
         return self
 
 
@@ -159,9 +165,13 @@ class StrataConfig(_Strict):
         names = [o.name for o in self.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"outputs: two outputs share a name ({names}); names become column names")
-        clash = set(names) & set(self.input.keep_fields)
+        columns = names + [f"{o.name}_offsets" for o in self.outputs if o.pooling == "none"]
+        clash = set(columns) & set(self.input.keep_fields) or {c for c in columns if columns.count(c) > 1}
         if clash:
-            raise ValueError(f"outputs: {sorted(clash)} is also a keep_field; rename the output")
+            raise ValueError(f"outputs: column {sorted(clash)[0]!r} would be written twice (an output, its "
+                             "_offsets column or a keep_field); rename the output")
+        if self.long_text.aggregate == "none" and self.long_text.strategy == "truncate":
+            raise ValueError("long_text.aggregate: none (one row per window) needs strategy: sliding_window")
         part = self.output.partition_by
         if part not in ("source", "none") and part not in self.input.keep_fields:
             raise ValueError(f"output.partition_by: {part!r} must be 'source', 'none' or one of input.keep_fields")

@@ -1,9 +1,9 @@
-"""The model replica: token ids of one fragment in, pooled output vectors out.
+"""The model replica: a fragment's token windows in, output vectors out.
 
 Loads the encoder once (cut at the deepest layer any output needs), packs the fragment's
-documents into length-sorted token-budget micro-batches, runs ONE forward pass per micro-batch
-for all outputs, pools and combines on the device, and moves only the pooled vectors to the
-host. Plain Python: the Ray actor is a thin wrapper around it.
+windows into length-sorted token-budget micro-batches, runs ONE forward pass per micro-batch
+for all outputs, pools on the device into per-output accumulators, and moves only finished
+vectors to the host. Plain Python: the Ray actor is a thin wrapper around it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from pipeline.batching import pack_micro_batches, padded_tokens
-from pipeline.extract import ResolvedOutput, compute_output
+from pipeline.extract import Accumulator, ResolvedOutput, pool_windows, token_vectors
 from pipeline.model import Encoder, ModelInfo, pick_device, pick_dtype
+from pipeline.tokenize import TokenWindows
+from pipeline.units import RowPlan, TokenUnits, row_plan, token_units
 
 PRECISIONS = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
 
@@ -28,11 +30,19 @@ class EmbedSettings:
     token_budget: int
     precision: str  # float16 | float32
     cpu_threads: int | None = None  # torch threads on a CPU replica; None = torch's default
+    window_rows: bool = False  # one output row per window (long_text.aggregate: none)
+
+    @property
+    def token_details(self) -> bool:
+        """Token-level outputs need special-token masks, word ids and character offsets."""
+        return any(out.token_level for out in self.outputs)
 
 
 @dataclass
 class EmbedResult:
-    vectors: dict[str, np.ndarray]  # output name -> (N, *vector_shape)
+    rows: RowPlan
+    vectors: dict[str, np.ndarray]  # output name -> (units, *vector_shape)
+    token_units: dict[str, TokenUnits]  # token-level outputs: units per row, character spans
     padded_tokens: int
 
 
@@ -46,32 +56,45 @@ class Embedder:
         self.encoder = Encoder(settings.model.path, depth, pick_dtype(settings.dtype, self.device), self.device)
         self.torch_precision, self.numpy_precision = PRECISIONS[settings.precision]
 
-    def embed(self, ids: np.ndarray, lengths: np.ndarray) -> EmbedResult:
-        """ids: all documents' token ids back to back; lengths: (N,) tokens per document."""
-        hidden_size = self.settings.model.hidden_size
-        vectors = {
-            out.name: np.empty((len(lengths), *out.vector_shape(hidden_size)), self.numpy_precision)
+    def embed(self, windows: TokenWindows) -> EmbedResult:
+        hidden = self.settings.model.hidden_size
+        plan = row_plan(windows, self.settings.window_rows)
+        units = {out.name: token_units(windows, plan, out.words) for out in self.settings.outputs if out.token_level}
+        accumulators = {
+            out.name: Accumulator(len(units[out.name].spans) if out.token_level else plan.rows, out, hidden, self.device)
             for out in self.settings.outputs
         }
-        batches = pack_micro_batches(lengths, self.settings.token_budget)
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        starts = windows.starts
+        batches = pack_micro_batches(windows.lengths, self.settings.token_budget)
         for batch in batches:
-            input_ids, mask = self._padded_batch(ids, offsets, lengths, batch)
-            hidden_states = self.encoder(input_ids, mask)  # depth + 1 of (B, T, D)
+            width = int(windows.lengths[batch].max())
+            positions = np.arange(width)[None, :]
+            valid = positions < windows.lengths[batch][:, None]  # (B, T)
+            input_ids = self._padded(windows.ids, starts, batch, valid, 0)
+            hidden_states = self.encoder(input_ids, self._to_device(valid.astype(np.int64)))  # depth + 1 of (B, T, D)
+            lo, hi = plan.owned[batch, 0:1], plan.owned[batch, 1:2]
+            owned = self._to_device((positions >= lo) & (positions < hi))
             for out in self.settings.outputs:
-                pooled = compute_output(hidden_states, mask, out).to(self.torch_precision)
-                vectors[out.name][batch] = pooled.cpu().numpy()
-        return EmbedResult(vectors, padded_tokens(lengths, batches))
+                if out.token_level:
+                    unit = self._padded(units[out.name].unit, starts, batch, valid, -1)
+                    emit = unit >= 0
+                    values = token_vectors(hidden_states, emit, out)
+                    index = unit[emit]
+                    accumulators[out.name].add(index, values, torch.ones(len(index), device=self.device))
+                else:
+                    values, weights = pool_windows(hidden_states, owned, out)
+                    accumulators[out.name].add(self._to_device(plan.row_of_window[batch]), values, weights)
+        vectors = {name: acc.result().to(self.torch_precision).cpu().numpy() for name, acc in accumulators.items()}
+        return EmbedResult(plan, vectors, units, padded_tokens(windows.lengths, batches))
 
-    def _padded_batch(self, ids, offsets, lengths, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        # -> input_ids (B, T) int64, attention mask (B, T) int64, T = longest in batch
-        batch_lengths = lengths[batch]
-        width = int(batch_lengths.max())
-        mask = np.arange(width)[None, :] < batch_lengths[:, None]  # (B, T) bool
-        input_ids = np.zeros((len(batch), width), np.int64)
-        input_ids[mask] = np.concatenate([ids[offsets[d] : offsets[d + 1]] for d in batch])
-        pin = self.device.type == "cuda"
-        tensors = [torch.from_numpy(a) for a in (input_ids, mask.astype(np.int64))]
-        if pin:
-            tensors = [t.pin_memory() for t in tensors]
-        return tuple(t.to(self.device, non_blocking=pin) for t in tensors)
+    def _padded(self, flat: np.ndarray, starts: np.ndarray, batch: np.ndarray, valid: np.ndarray, fill: int):
+        # the batch's windows of a flat per-token array as a (B, T) int64 tensor on the device
+        padded = np.full(valid.shape, fill, np.int64)
+        padded[valid] = np.concatenate([flat[starts[w] : starts[w + 1]] for w in batch])
+        return self._to_device(padded)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor

@@ -1,9 +1,14 @@
 """From hidden states to output vectors: layer selection, pooling, combining, normalizing.
 
-Pure functions over tensors (no I/O, no config objects inside the math), so each is tested
-against a plain-transformers reference. Shapes: B documents, T tokens, D hidden size,
-L selected layers. Pooling runs in float32 whatever the compute dtype, so bf16 models do not
-lose precision when summing hundreds of tokens.
+Every output fills an `Accumulator` of *units*: a document (pooled outputs), a window
+(`aggregate: none`), a token or a word (`pooling: none`). A micro-batch of windows adds what each
+window contributes to its units: pooled sums or maxima over the positions the window owns, or
+per-token vectors. Once a fragment is done, `result()` averages, combines layers and
+normalizes, in that order, so windows and words are merged before the combine and the L2 norm.
+
+Pure tensor code (no I/O), tested against a plain-transformers reference. Shapes: B windows,
+T positions, D hidden size, L layers. Everything after the encoder runs in float32 whatever the
+compute dtype, so bf16 models do not lose precision when summing hundreds of tokens.
 """
 
 from __future__ import annotations
@@ -27,18 +32,28 @@ class ResolvedOutput:
     combine: str
     weights: tuple[float, ...] | None
     normalize: bool
+    words: str = "none"  # token-level only: none (sub-tokens) | first | mean (word vectors)
+
+    @property
+    def token_level(self) -> bool:
+        return self.pooling == "none"
 
     @property
     def depth(self) -> int:
         """The deepest hidden state this output reads (early exit stops there)."""
         return max(self.layers) if self.pooling != "first_last_avg" else max(max(self.layers), 1)
 
+    @property
+    def pooled_layers(self) -> int:
+        """L: layers left after pooling (first_last_avg folds two into one)."""
+        return 1 if self.pooling == "first_last_avg" else len(self.layers)
+
     def vector_shape(self, hidden: int) -> tuple[int, ...]:
-        n = 1 if self.pooling == "first_last_avg" else len(self.layers)
+        """Shape of one vector (per document, window, token or word)."""
         if self.combine == "stack":
-            return (n, hidden)
+            return (self.pooled_layers, hidden)
         if self.combine == "concat":
-            return (n * hidden,)
+            return (self.pooled_layers * hidden,)
         return (hidden,)
 
 
@@ -68,41 +83,71 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> tuple[int, ...]:
 
 def resolve_output(spec: OutputSpec, num_layers: int) -> ResolvedOutput:
     layers = resolve_layers(spec.layers, num_layers)
-    if spec.pooling == "none":
-        raise ConfigError(f"outputs.{spec.name}: pooling: none (token-level vectors) is not supported yet")
     weights = tuple(spec.weights) if spec.weights is not None else None
-    n = 1 if spec.pooling == "first_last_avg" else len(layers)
-    if weights is not None and len(weights) != n:
-        raise ConfigError(
-            f"outputs.{spec.name}: weights has {len(weights)} numbers but layers {spec.layers!r} selects {n}"
-        )
-    return ResolvedOutput(spec.name, layers, spec.pooling, spec.combine, weights, spec.normalize)
+    resolved = ResolvedOutput(spec.name, layers, spec.pooling, spec.combine, weights, spec.normalize, spec.words)
+    if weights is not None and len(weights) != resolved.pooled_layers:
+        what = "first_last_avg pools into 1" if spec.pooling == "first_last_avg" else f"layers {spec.layers!r} selects {len(layers)}"
+        raise ConfigError(f"outputs.{spec.name}: weights has {len(weights)} numbers but {what}")
+    return resolved
 
 
-def pool_cls(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # (B, T, D) -> (B, D): the first token
-    return hidden[:, 0].float()
+def _read_layers(hidden_states: tuple[torch.Tensor, ...], out: ResolvedOutput) -> list[torch.Tensor]:
+    # the L per-token (B, T, D) tensors this output pools, in float32
+    if out.pooling == "first_last_avg":
+        return [(hidden_states[1].float() + hidden_states[max(out.layers)].float()) / 2]
+    return [hidden_states[i].float() for i in out.layers]
 
 
-def pool_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # (B, T, D), (B, T) -> (B, D): mean over real tokens
-    weights = mask.unsqueeze(-1).float()  # (B, T, 1)
-    summed = (hidden.float() * weights).sum(dim=1)
-    return summed / weights.sum(dim=1).clamp(min=1e-9)
+def pool_windows(hidden_states: tuple[torch.Tensor, ...], owned: torch.Tensor, out: ResolvedOutput):
+    """Pool each window over the tokens it owns: (values (B, L, D), weights (B,)).
+
+    owned: (B, T) bool. For cls/mean/first_last_avg the values are weight-scaled sums
+    (a window's contribution to its document's token-weighted mean), for max the maxima.
+    """
+    weights = owned.sum(dim=1).float()  # (B,) owned tokens per window
+    mask = owned.unsqueeze(-1)  # (B, T, 1)
+    if out.pooling == "cls":
+        values = torch.stack([hidden_states[i][:, 0].float() for i in out.layers], dim=1) * weights.view(-1, 1, 1)
+    elif out.pooling == "max":
+        layers = _read_layers(hidden_states, out)
+        values = torch.stack([h.masked_fill(~mask, float("-inf")).amax(dim=1) for h in layers], dim=1)
+    else:  # mean, first_last_avg
+        values = torch.stack([(h * mask).sum(dim=1) for h in _read_layers(hidden_states, out)], dim=1)
+    return values, weights
 
 
-def pool_max(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # (B, T, D), (B, T) -> (B, D): max over real tokens
-    masked = hidden.float().masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
-    return masked.max(dim=1).values
+def token_vectors(hidden_states: tuple[torch.Tensor, ...], emit: torch.Tensor, out: ResolvedOutput) -> torch.Tensor:
+    """The chosen layers at the emitted positions, row-major: (B, T) bool -> (n, L, D)."""
+    return torch.stack([hidden_states[i][emit].float() for i in out.layers], dim=1)
 
 
-def pool_first_last_avg(first: torch.Tensor, last: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # (B, T, D) x2 -> (B, D): token-wise average of two layers, then masked mean
-    return pool_mean((first.float() + last.float()) / 2, mask)
+class Accumulator:
+    """Per-unit running results of one output (unit = document, window, token or word).
 
+    Sums (with weights) for every pooling but max, maxima for max; units are filled from any
+    number of micro-batches in any order, so a document's windows may be far apart.
+    """
 
-POOLERS = {"cls": pool_cls, "mean": pool_mean, "max": pool_max}
+    def __init__(self, units: int, out: ResolvedOutput, hidden: int, device: torch.device):
+        self.out = out
+        self.is_max = out.pooling == "max"
+        fill = float("-inf") if self.is_max else 0.0
+        self.values = torch.full((units, out.pooled_layers, hidden), fill, dtype=torch.float32, device=device)
+        self.weights = torch.zeros(units, dtype=torch.float32, device=device)
+
+    def add(self, index: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
+        # index (n,) int64 units, values (n, L, D), weights (n,)
+        if self.is_max:
+            self.values.scatter_reduce_(0, index.view(-1, 1, 1).expand_as(values), values, "amax")
+        else:
+            self.values.index_add_(0, index, values)
+        self.weights.index_add_(0, index, weights)
+
+    def result(self) -> torch.Tensor:
+        """(units, *vector_shape) float32: averaged, combined across layers, normalized."""
+        values = self.values if self.is_max else self.values / self.weights.clamp(min=1e-9).view(-1, 1, 1)
+        combined = combine_layers(values, self.out.combine, self.out.weights)
+        return l2_normalize(combined) if self.out.normalize else combined
 
 
 def combine_layers(pooled: torch.Tensor, how: str, weights: tuple[float, ...] | None = None) -> torch.Tensor:
@@ -124,14 +169,3 @@ def combine_layers(pooled: torch.Tensor, how: str, weights: tuple[float, ...] | 
 def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
     # (..., D) -> (..., D) unit length along the last axis (each layer of a stack on its own)
     return F.normalize(vectors, p=2, dim=-1)
-
-
-def compute_output(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor, out: ResolvedOutput) -> torch.Tensor:
-    """One output for a micro-batch: (B, *out.vector_shape(D)) in float32, on the hidden states' device."""
-    if out.pooling == "first_last_avg":
-        pooled = pool_first_last_avg(hidden_states[1], hidden_states[max(out.layers)], mask).unsqueeze(1)
-    else:
-        pool = POOLERS[out.pooling]
-        pooled = torch.stack([pool(hidden_states[i], mask) for i in out.layers], dim=1)  # (B, L, D)
-    combined = combine_layers(pooled, out.combine, out.weights)
-    return l2_normalize(combined) if out.normalize else combined

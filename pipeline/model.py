@@ -122,6 +122,7 @@ class Encoder(nn.Module):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the pooler weights we skip are not worth a warning
+        hf_logging.disable_progress_bar()  # nor is a "Loading weights" bar per replica
         model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         layers = _layer_list(model)
         if depth > len(layers):

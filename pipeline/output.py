@@ -11,9 +11,15 @@ import io
 import json
 from urllib.parse import quote
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from pipeline.embedder import EmbedResult
+    from pipeline.tokenize import TokenWindows
 
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 QUARANTINE_SCHEMA = pa.schema(
@@ -29,12 +35,37 @@ def vector_array(vectors: np.ndarray) -> pa.Array:
     return array
 
 
-def output_table(docs: pa.Table, vectors: dict[str, np.ndarray], keep_fields: list[str]) -> pa.Table:
-    """docs holds id, source, row, n_tokens, truncated and the keep fields; vectors one array per output."""
-    columns = {name: docs[name] for name in ("id", "source", "row", "n_tokens", "truncated", *keep_fields)}
-    for name, array in vectors.items():
-        columns[name] = vector_array(array)
-    return pa.table(columns)
+def row_table(docs: pa.Table, windows: TokenWindows, window_rows: bool, keep_fields: list[str]) -> pa.Table:
+    """The non-vector columns: one row per document, or per window with `aggregate: none`.
+
+    docs holds id, source, row, n_tokens, truncated and the keep fields.
+    """
+    if not window_rows:
+        return docs.select(["id", "source", "row", "n_tokens", "truncated", *keep_fields])
+    per_window = docs.take(pa.array(windows.doc))
+    span = pa.StructArray.from_arrays([pa.array(windows.span[:, 0]), pa.array(windows.span[:, 1])], ["start", "end"])
+    columns = {
+        "id": per_window["id"], "source": per_window["source"], "row": per_window["row"],
+        "window": pa.array(windows.window_index, pa.int32()), "window_span": span,
+        "n_tokens": pa.array(windows.lengths, pa.int32()),
+        "truncated": pa.array(np.zeros(len(windows.lengths), bool)),
+    }
+    return pa.table({**columns, **{name: per_window[name] for name in keep_fields}})
+
+
+def output_table(rows: pa.Table, result: EmbedResult) -> pa.Table:
+    """Appends one column per output; token-level outputs get a list per row and `<name>_offsets`."""
+    for name, vectors in result.vectors.items():
+        array = vector_array(vectors)
+        units = result.token_units.get(name)
+        if units is None:
+            rows = rows.append_column(name, array)
+            continue
+        offsets = pa.array(np.concatenate([[0], np.cumsum(units.counts)]).astype(np.int32))
+        spans = pa.StructArray.from_arrays([pa.array(units.spans[:, 0]), pa.array(units.spans[:, 1])], ["start", "end"])
+        rows = rows.append_column(name, pa.ListArray.from_arrays(offsets, array))
+        rows = rows.append_column(f"{name}_offsets", pa.ListArray.from_arrays(offsets, spans))
+    return rows
 
 
 def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:

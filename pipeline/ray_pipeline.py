@@ -82,7 +82,8 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
                         num_cpus=IO_TASK_CPUS)
-    tokenize = functools.partial(Tokenize, job.embed.model.path, job.embed.model.max_length)
+    tokenize = functools.partial(Tokenize, job.embed.model.path, job.embed.model.max_length, job.stride,
+                                 job.embed.token_details)
     embed = functools.partial(Embed, job.embed, job.input.keep_fields)
     ds = ds.map_batches(_actor_step(tokenize), batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.tokenizers),

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -22,10 +21,10 @@ from pipeline.config import InputConfig
 from pipeline.embedder import Embedder, EmbedSettings
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
 from pipeline.manifest import CommitRecord, Manifest
-from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table
+from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
 from pipeline.sources import Shard, read_ranges
 from pipeline.storage import Location
-from pipeline.tokenize import TextTokenizer
+from pipeline.tokenize import TextTokenizer, TokenWindows
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class JobSpec:
     output_uri: str
     partition_by: str
     file_metadata: dict[str, str]
+    stride: int | None = None  # sliding-window overlap; None = truncate
 
 
 def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig) -> Iterator[dict]:
@@ -56,20 +56,18 @@ def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig) -> Ite
 
 
 class Tokenize:
-    """Replaces the text column by input_ids (list<int32>), n_tokens and truncated."""
+    """Replaces the text column by n_tokens and truncated, and adds the fragment's windows."""
 
-    def __init__(self, model_path: str, max_length: int):
-        self.tokenizer = TextTokenizer(model_path, max_length)
+    def __init__(self, model_path: str, max_length: int, stride: int | None, details: bool):
+        self.tokenizer = TextTokenizer(model_path, max_length, stride, details)
 
     def __call__(self, payload: dict) -> dict:
         docs = table_from_bytes(payload["docs"])
-        encoded = self.tokenizer.encode(docs["text"].to_pylist())
-        offsets = np.concatenate([[0], np.cumsum(encoded.lengths, dtype=np.int32)]).astype(np.int32)
+        windows = self.tokenizer.encode(docs["text"].to_pylist())
         docs = docs.drop_columns(["text"])
-        docs = docs.append_column("input_ids", pa.ListArray.from_arrays(pa.array(offsets), pa.array(encoded.ids)))
-        docs = docs.append_column("n_tokens", pa.array(encoded.lengths, pa.int32()))
-        docs = docs.append_column("truncated", pa.array(encoded.truncated, pa.bool_()))
-        return {**payload, "docs": table_to_bytes(docs)}
+        docs = docs.append_column("n_tokens", pa.array(windows.n_tokens, pa.int32()))
+        docs = docs.append_column("truncated", pa.array(windows.truncated, pa.bool_()))
+        return {**payload, "docs": table_to_bytes(docs), "windows": table_to_bytes(windows.to_table())}
 
 
 class Embed:
@@ -81,12 +79,12 @@ class Embed:
 
     def __call__(self, payload: dict) -> dict:
         docs = table_from_bytes(payload["docs"])
-        ids_column = docs["input_ids"].combine_chunks()
-        ids = ids_column.values.to_numpy(zero_copy_only=False)
-        lengths = docs["n_tokens"].to_numpy()
-        result = self.embedder.embed(ids, lengths)
-        rows = output_table(docs, result.vectors, self.keep_fields)
-        return {**payload, "docs": table_to_bytes(rows), "padded_tokens": result.padded_tokens}
+        windows = TokenWindows.from_table(table_from_bytes(payload["windows"]), docs["n_tokens"].to_numpy(),
+                                          docs["truncated"].to_numpy(zero_copy_only=False))
+        result = self.embedder.embed(windows)
+        rows = output_table(row_table(docs, windows, self.embedder.settings.window_rows, self.keep_fields), result)
+        return {**payload, "docs": table_to_bytes(rows), "windows": b"", "embedded": docs.num_rows,
+                "padded_tokens": result.padded_tokens}
 
 
 def write_fragment(payload: dict, job: JobSpec) -> CommitRecord:
@@ -110,7 +108,7 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord:
         end=fragment.end,
         files=files,
         rows=fragment.rows,
-        docs=rows.num_rows,
+        docs=int(payload["embedded"]),
         quarantined=quarantine.num_rows,
         blank=int(payload["blank"]),
         tokens=int(pc.sum(rows["n_tokens"]).as_py() or 0),

@@ -1,7 +1,17 @@
-"""Text to token ids with the model folder's fast tokenizer, truncated at max_length.
+"""Text to model windows with the model folder's fast (Rust) tokenizer.
 
-Produces flat numpy arrays (ids + per-document lengths) so a fragment's tokens travel between
-Ray stages as one Arrow column, not as Python lists.
+`truncate` keeps one window per document, cut at max_length. `sliding_window` keeps every
+window the tokenizer's own overflow produces: windows of max_length tokens (special tokens
+included) whose content overlaps the previous window's by `stride` tokens.
+
+Each window *owns* a contiguous range of its positions, so that across a document's windows
+every token is owned exactly once: a token in an overlap belongs to the window where it has
+more context (the later window on a tie), the first window owns the leading special tokens and
+the last one the trailing ones. A one-window document owns all of its tokens. Aggregating
+windows over owned tokens is what makes `aggregate: mean` count each token once.
+
+Everything is flat numpy (ids back to back, per-window lengths), so a fragment's tokens travel
+between Ray stages as a few Arrow columns, not as Python lists.
 """
 
 from __future__ import annotations
@@ -10,28 +20,146 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import ConfigError
 
 
 @dataclass
-class TokenizedTexts:
-    ids: np.ndarray  # (sum of lengths,) int32, all documents back to back
-    lengths: np.ndarray  # (N,) int32 tokens per document, special tokens included
+class TokenWindows:
+    """A fragment's documents as model windows; documents' windows are consecutive, in order."""
+
+    ids: np.ndarray  # (sum of lengths,) int32, all windows back to back
+    lengths: np.ndarray  # (W,) int32 tokens per window, special tokens included
+    doc: np.ndarray  # (W,) int32 document index of each window
+    owned: np.ndarray  # (W, 2) int32 [lo, hi) window positions that count for the document
+    span: np.ndarray  # (W, 2) int32 character span of the window's text (zeros unless windowed)
+    n_tokens: np.ndarray  # (N,) int32 tokens fed to the model per document (all windows)
     truncated: np.ndarray  # (N,) bool, text was cut at max_length
+    # token details, only when a token-level output needs them (else None):
+    special: np.ndarray | None = None  # (sum of lengths,) bool, a special token ([CLS], [SEP])
+    word_ids: np.ndarray | None = None  # (sum of lengths,) int32 word index in the document, -1 if none
+    offsets: np.ndarray | None = None  # (sum of lengths, 2) int32 character [start, end)
+
+    @property
+    def starts(self) -> np.ndarray:
+        """(W + 1,) int64 offsets of each window in `ids`."""
+        return np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+
+    @property
+    def window_index(self) -> np.ndarray:
+        """(W,) int32 index of each window inside its document (0, 1, ...)."""
+        first = np.searchsorted(self.doc, self.doc, side="left")
+        return (np.arange(len(self.doc)) - first).astype(np.int32)
+
+    def to_table(self) -> pa.Table:
+        """One row per window, for the trip to the embed stage."""
+        offsets = pa.array(self.starts.astype(np.int32))
+        columns = {
+            "doc": pa.array(self.doc),
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.ids)),
+            "owned_lo": pa.array(self.owned[:, 0]), "owned_hi": pa.array(self.owned[:, 1]),
+            "span_start": pa.array(self.span[:, 0]), "span_end": pa.array(self.span[:, 1]),
+        }
+        if self.special is not None:
+            columns["special"] = pa.ListArray.from_arrays(offsets, pa.array(self.special))
+            columns["word_ids"] = pa.ListArray.from_arrays(offsets, pa.array(self.word_ids))
+            columns["offset_start"] = pa.ListArray.from_arrays(offsets, pa.array(self.offsets[:, 0]))
+            columns["offset_end"] = pa.ListArray.from_arrays(offsets, pa.array(self.offsets[:, 1]))
+        return pa.table(columns)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, n_tokens: np.ndarray, truncated: np.ndarray) -> "TokenWindows":
+        def flat(name):
+            return table[name].combine_chunks().values.to_numpy(zero_copy_only=False)
+
+        def column(name):
+            return table[name].to_numpy()
+
+        details = "special" in table.column_names
+        return cls(
+            ids=flat("input_ids"),
+            lengths=pc.list_value_length(table["input_ids"]).to_numpy().astype(np.int32),
+            doc=column("doc"),
+            owned=np.stack([column("owned_lo"), column("owned_hi")], axis=1),
+            span=np.stack([column("span_start"), column("span_end")], axis=1),
+            n_tokens=n_tokens,
+            truncated=truncated,
+            special=flat("special") if details else None,
+            word_ids=flat("word_ids") if details else None,
+            offsets=np.stack([flat("offset_start"), flat("offset_end")], axis=1) if details else None,
+        )
 
 
 class TextTokenizer:
-    def __init__(self, model_path: str, max_length: int):
+    """`stride` None = truncate; a number = sliding windows overlapping by that many tokens."""
+
+    def __init__(self, model_path: str, max_length: int, stride: int | None = None, details: bool = False):
         self.backend = _load_backend(model_path)
         self.backend.no_padding()
-        self.backend.enable_truncation(max_length)
-        self.max_length = max_length
+        self.prefix, self.suffix = special_counts(self.backend)
+        if stride is not None:
+            check_stride(stride, max_length, self.prefix + self.suffix)
+        self.backend.enable_truncation(max_length, stride=stride or 0)
+        self.max_length, self.stride, self.details = max_length, stride, details
 
-    def encode(self, texts: list[str]) -> TokenizedTexts:
+    def encode(self, texts: list[str]) -> TokenWindows:
         encodings = self.backend.encode_batch(texts)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(encodings))
-        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
-        ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=int(lengths.sum()))
-        return TokenizedTexts(ids, lengths, truncated)
+        if self.stride is None:
+            windows = [[e] for e in encodings]
+            truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        else:
+            windows = [[e, *e.overflowing] for e in encodings]
+            truncated = np.zeros(len(encodings), dtype=bool)
+        flat = [w for doc in windows for w in doc]
+        counts = np.fromiter((len(doc) for doc in windows), dtype=np.int32, count=len(windows))
+        lengths = np.fromiter((len(w.ids) for w in flat), dtype=np.int32, count=len(flat))
+        doc = np.repeat(np.arange(len(windows), dtype=np.int32), counts)
+        ids = np.fromiter((i for w in flat for i in w.ids), dtype=np.int32, count=int(lengths.sum()))
+        n_tokens = np.bincount(doc, weights=lengths, minlength=len(windows)).astype(np.int32)
+        owned, span = self._owned(lengths, doc), np.zeros((len(flat), 2), np.int32)
+        if self.stride is not None:
+            span = np.array([self._span(w) for w in flat], np.int32).reshape(-1, 2)
+        result = TokenWindows(ids, lengths, doc, owned, span, n_tokens, truncated)
+        if self.details:
+            total = len(ids)
+            result.special = np.fromiter((m for w in flat for m in w.special_tokens_mask), bool, count=total)
+            result.word_ids = np.fromiter(
+                (-1 if i is None else i for w in flat for i in w.word_ids), np.int32, count=total)
+            result.offsets = np.fromiter(
+                (x for w in flat for pair in w.offsets for x in pair), np.int32, count=2 * total).reshape(-1, 2)
+        return result
+
+    def _owned(self, lengths: np.ndarray, doc: np.ndarray) -> np.ndarray:
+        # (W, 2): everything for a lone window; inner overlaps split where context is larger
+        lo, hi = np.zeros_like(lengths), lengths.copy()
+        if self.stride is not None and len(doc):
+            first = np.r_[True, doc[1:] != doc[:-1]]
+            last = np.r_[doc[1:] != doc[:-1], True]
+            lo[~first] = self.prefix + self.stride // 2
+            hi[~last] = lengths[~last] - self.suffix - (self.stride - self.stride // 2)
+        return np.stack([lo, hi], axis=1)
+
+    def _span(self, window) -> tuple[int, int]:
+        content = [pair for pair, special in zip(window.offsets, window.special_tokens_mask) if not special]
+        return (content[0][0], content[-1][1]) if content else (0, 0)
+
+
+def special_counts(backend) -> tuple[int, int]:
+    """Special tokens the model's post-processor puts before and after a text ([CLS] … [SEP] = 1, 1)."""
+    mask = backend.encode("x").special_tokens_mask
+    prefix = next((i for i, m in enumerate(mask) if not m), len(mask))
+    return prefix, len(mask) - prefix - sum(1 for m in mask[prefix:] if not m)
+
+
+def check_stride(stride: int, max_length: int, added: int) -> None:
+    content = max_length - added
+    if stride >= content:
+        raise ConfigError(
+            f"long_text.stride {stride} must be smaller than a window's text, which is {content} tokens "
+            f"(max_length {max_length} minus {added} special tokens); try stride: {content // 2}"
+        )
 
 
 def _load_backend(model_path: str):

@@ -45,6 +45,11 @@ def test_layer_beyond_depth(tmp_path):
     assert_one_line_error(strata("run", str(path)), "layer 12 is beyond the model's depth", "6 layers")
 
 
+def test_stride_that_does_not_fit_a_window(tmp_path):
+    path = write_config(tmp_path / "c.yaml", **base(tmp_path, long_text={"strategy": "sliding_window"}))
+    assert_one_line_error(strata("validate", str(path)), "long_text.stride 256 must be smaller", "254 tokens")
+
+
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -41,6 +41,11 @@ def test_defaults_follow_the_design():
         ({**BASE, "output": {"uri": "o", "partition_by": "lang"}}, "must be 'source', 'none' or one of"),
         ({**BASE, "batching": {"token_budget": 0}}, "batching.token_budget"),
         ({**BASE, "model": {"dtype": "int8"}}, "model.dtype"),
+        ({**BASE, "outputs": [{"name": "a", "words": "first"}]}, "words: first makes word vectors, which needs pooling: none"),
+        ({**BASE, "outputs": [{"name": "a", "pooling": "none"}, {"name": "a_offsets"}]}, "'a_offsets' would be written twice"),
+        ({**BASE, "long_text": {"aggregate": "none"}}, "aggregate: none (one row per window) needs strategy: sliding_window"),
+        ({**BASE, "long_text": {"strategy": "sliding_window", "stride": 0}}, "long_text.stride"),
+        ({**BASE, "outputs": [{"name": "a", "pooling": "sum"}]}, "outputs.0.pooling"),
     ],
 )
 def test_invalid_configs_name_the_problem(raw, fragment):
@@ -83,3 +88,12 @@ def test_fingerprint_tracks_vector_settings_only():
     assert config(output={"uri": "elsewhere/"}).fingerprint() == base
     assert config(outputs=[{"name": "embedding", "layers": [-2]}]).fingerprint() != base
     assert config(output={"uri": "out/", "precision": "float32"}).fingerprint() != base
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid_for_the_default_model(path):
+    from pipeline.runner import resolve
+
+    config = load_config(path)
+    model, outputs = resolve(config)
+    assert [o.name for o in outputs] == [o.name for o in config.outputs]

@@ -1,4 +1,4 @@
-"""Pooling and combining against plain per-document loops over real hidden states."""
+"""Pooling, window merging and combining against plain per-document loops."""
 
 import pytest
 import torch
@@ -6,8 +6,7 @@ import torch
 from pipeline.config import OutputSpec
 from pipeline.errors import ConfigError
 from pipeline.extract import (
-    combine_layers, compute_output, l2_normalize, pool_cls, pool_first_last_avg, pool_max, pool_mean,
-    resolve_layers, resolve_output,
+    Accumulator, combine_layers, l2_normalize, pool_windows, resolve_layers, resolve_output, token_vectors,
 )
 
 
@@ -15,25 +14,58 @@ from pipeline.extract import (
 def batch():
     torch.manual_seed(0)
     lengths = [5, 3, 1]
-    mask = torch.zeros(3, 5, dtype=torch.long)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
     for i, n in enumerate(lengths):
-        mask[i, :n] = 1
+        mask[i, :n] = True
     hidden = tuple(torch.randn(3, 5, 4) for _ in range(4))  # embeddings + 3 layers
     return hidden, mask, lengths
+
+
+def output(pooling, layers=(2,), combine="stack", **extra):
+    return resolve_output(OutputSpec(name="o", layers=list(layers), pooling=pooling, combine=combine, **extra), 3)
+
+
+def pooled(hidden, mask, out):
+    acc = Accumulator(mask.shape[0], out, 4, torch.device("cpu"))
+    values, weights = pool_windows(hidden, mask, out)
+    acc.add(torch.arange(mask.shape[0]), values, weights)
+    return acc.result()
 
 
 def test_poolings_ignore_padding(batch):
     hidden, mask, lengths = batch
     h = hidden[2]
     for i, n in enumerate(lengths):
-        assert torch.allclose(pool_mean(h, mask)[i], h[i, :n].mean(0), atol=1e-6)
-        assert torch.allclose(pool_max(h, mask)[i], h[i, :n].max(0).values)
-        assert torch.equal(pool_cls(h, mask)[i], h[i, 0])
+        assert torch.allclose(pooled(hidden, mask, output("mean"))[i, 0], h[i, :n].mean(0), atol=1e-6)
+        assert torch.allclose(pooled(hidden, mask, output("max"))[i, 0], h[i, :n].max(0).values)
+        assert torch.allclose(pooled(hidden, mask, output("cls"))[i, 0], h[i, 0], atol=1e-6)
         expected = ((hidden[1][i, :n] + hidden[3][i, :n]) / 2).mean(0)
-        assert torch.allclose(pool_first_last_avg(hidden[1], hidden[3], mask)[i], expected, atol=1e-6)
+        assert torch.allclose(pooled(hidden, mask, output("first_last_avg", layers=[3]))[i, 0], expected, atol=1e-6)
 
 
-def test_combines(batch):
+def test_windows_of_one_unit_merge_token_weighted(batch):
+    hidden, mask, lengths = batch
+    h = hidden[2]
+    for pooling, expected in [("mean", torch.cat([h[0, :5], h[1, :3]]).mean(0)),
+                              ("max", torch.cat([h[0, :5], h[1, :3]]).max(0).values),
+                              ("cls", (5 * h[0, 0] + 3 * h[1, 0]) / 8)]:
+        out = output(pooling)
+        acc = Accumulator(2, out, 4, torch.device("cpu"))
+        values, weights = pool_windows(hidden, mask, out)
+        acc.add(torch.tensor([0, 0, 1]), values, weights)  # windows 0 and 1 are one document
+        assert torch.allclose(acc.result()[0, 0], expected, atol=1e-6), pooling
+        assert torch.allclose(acc.result()[1, 0], h[2, 0], atol=1e-6), pooling
+
+
+def test_token_vectors_keep_the_emitted_positions_in_order(batch):
+    hidden, mask, _ = batch
+    out = output("none", layers=[1, 3])
+    vectors = token_vectors(hidden, mask, out)
+    assert vectors.shape == (9, 2, 4)
+    assert torch.equal(vectors[5, 1], hidden[3][1, 0]) and torch.equal(vectors[8, 0], hidden[1][2, 0])
+
+
+def test_combines():
     pooled = torch.randn(2, 3, 4)  # (B, L, D)
     assert combine_layers(pooled, "stack").shape == (2, 3, 4)
     assert torch.equal(combine_layers(pooled, "concat")[1], torch.cat([pooled[1, 0], pooled[1, 1], pooled[1, 2]]))
@@ -48,17 +80,12 @@ def test_normalize_makes_each_vector_unit_length():
     assert torch.allclose(l2_normalize(vectors).norm(dim=-1), torch.ones(2, 3), atol=1e-6)
 
 
-def test_compute_output_selects_the_requested_layers(batch):
+def test_normalize_comes_after_the_combine(batch):
     hidden, mask, _ = batch
-    spec = resolve_output(OutputSpec(name="o", layers=[0, -1], pooling="mean", combine="stack"), 3)
-    result = compute_output(hidden, mask, spec)
-    assert result.shape == (3, 2, 4)
-    assert torch.allclose(result[:, 0], pool_mean(hidden[0], mask))
-    assert torch.allclose(result[:, 1], pool_mean(hidden[3], mask))
-    normalized = resolve_output(OutputSpec(name="o", layers="1:", pooling="cls", combine="concat", normalize=True), 3)
-    out = compute_output(hidden, mask, normalized)
-    assert out.shape == (3, 12)
-    assert torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-6)
+    out = output("mean", layers=[1, 2], combine="concat", normalize=True)
+    result = pooled(hidden, mask, out)
+    assert result.shape == (3, 8)
+    assert torch.allclose(result.norm(dim=-1), torch.ones(3), atol=1e-6)
 
 
 @pytest.mark.parametrize(

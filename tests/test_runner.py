@@ -83,9 +83,9 @@ def test_end_to_end_run_resume_and_recompute_one_fragment(ray_cluster, tmp_path)
 
     info = ModelInfo(**model)
     outputs = tuple(resolve_output(spec, 6) for spec in cfg.outputs)
-    tokens = TextTokenizer(info.path, 64).encode([texts[i] for i in ids])
+    windows = TextTokenizer(info.path, 64).encode([texts[i] for i in ids])
     direct = Embedder(EmbedSettings(info, outputs, "float32", 1024, "float16"), torch.device("cpu"))
-    expected = direct.embed(tokens.ids, tokens.lengths).vectors
+    expected = direct.embed(windows).vectors
     rows = {r["id"]: r for r in table.filter(pa.compute.is_in(table["id"], pa.array(ids))).to_pylist()}
     for k, doc_id in enumerate(ids):
         np.testing.assert_allclose(np.array(rows[doc_id]["sentence"], np.float32), expected["sentence"][k], atol=2e-3)
@@ -151,3 +151,41 @@ def test_resuming_with_other_vector_settings_is_refused(ray_cluster, tmp_path):
     run(config(corpus, out, compute={"replicas": 1}, batching={"token_budget": 512}))  # allowed
     with pytest.raises(OutputError, match="different settings"):
         run(config(corpus, out, output={"precision": "float32"}))
+
+
+def test_windows_as_rows_and_token_level_outputs_through_ray(ray_cluster, tmp_path):
+    corpus, out = small_corpus(tmp_path / "in", docs_per_shard=(4, 3)), tmp_path / "out"
+    outputs = [{"name": "doc", "layers": "-2:", "pooling": "mean", "combine": "mean", "normalize": True},
+               {"name": "tokens", "layers": [-1], "pooling": "none", "combine": "concat"},
+               {"name": "words", "layers": [-4, -1], "pooling": "none", "combine": "sum", "words": "mean"}]
+    cfg = config(corpus, out, outputs=outputs, model={"max_length": 24},
+                 long_text={"strategy": "sliding_window", "stride": 6, "aggregate": "none"})
+    summary = run(cfg)
+    assert summary["docs"] == 7 and summary["fragments"] == "2 / 2"
+
+    table = read_output(out).sort_by([("id", "ascending"), ("window", "ascending")])
+    assert table.num_rows > 7 * 3  # real documents are many 24-token windows
+    assert table.schema.field("window").type == pa.int32()
+    assert table.schema.field("doc").type == pa.list_(pa.float16(), 384)
+    assert table.schema.field("tokens").type == pa.list_(pa.list_(pa.float16(), 384))
+    assert table.schema.field("tokens_offsets").type == pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32())]))
+    assert not any(table["truncated"].to_pylist())
+
+    texts = {}
+    for shard in ("s0.jsonl", "s1.jsonl"):
+        for line in (corpus / shard).read_text().splitlines():
+            texts[json.loads(line)["id"]] = json.loads(line)["text"]
+    assert set(table["id"].to_pylist()) == set(texts)
+    for doc_id, text in texts.items():
+        rows = table.filter(pa.compute.equal(table["id"], doc_id)).to_pylist()
+        assert [r["window"] for r in rows] == list(range(len(rows)))
+        assert all(r["n_tokens"] <= 24 and len(r["tokens"]) == r["n_tokens"] - 2 for r in rows)
+        for r in rows:
+            span = r["window_span"]
+            window_text = text[span["start"] : span["end"]]
+            assert [text[o["start"] : o["end"]] for o in r["tokens_offsets"]][0] in window_text
+            assert len(r["words"]) == len(r["words_offsets"]) <= len(r["tokens"])
+            assert all(" " not in text[o["start"] : o["end"]] for o in r["words_offsets"])
+    record = json.loads((out / "_manifest" / "run.json").read_text())
+    assert {name: o["per"] for name, o in record["outputs"].items()} == {"doc": "window", "tokens": "token",
+                                                                         "words": "word"}
