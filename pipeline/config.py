@@ -122,6 +122,16 @@ class LongTextConfig(_Strict):
     stride: int = Field(256, ge=1, description="Window overlap in tokens for sliding_window")
     aggregate: Literal["mean", "none"] = Field("mean", description="Merge windows (mean) or one row per window (none)")
 
+    @property
+    def window_stride(self) -> int | None:
+        """The overlap of sliding windows; None when documents are truncated."""
+        return self.stride if self.strategy == "sliding_window" else None
+
+    @property
+    def window_rows(self) -> bool:
+        """One output row per window instead of per document."""
+        return self.strategy == "sliding_window" and self.aggregate == "none"
+
 
 class BatchingConfig(_Strict):
     token_budget: int = Field(16384, ge=2, description="Padded tokens per forward micro-batch")
@@ -181,6 +191,8 @@ class StrataConfig(_Strict):
         """Hash of every setting that changes the stored vectors or rows (not replicas or batching)."""
         relevant = self.model_dump(include={"input", "model", "outputs", "long_text", "output"})
         relevant["output"].pop("uri")
+        if self.long_text.window_stride is None:  # stride and aggregate only matter for windows
+            relevant["long_text"] = {"strategy": "truncate"}
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -25,8 +25,8 @@ from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, summary_table
 from pipeline.sources import count_rows, list_shards
 from pipeline.stages import JobSpec
-from pipeline.tokenize import TextTokenizer
 from pipeline.storage import Location
+from pipeline.tokenize import TextTokenizer
 
 COUNT_THREADS = 8
 
@@ -51,8 +51,8 @@ def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]
     """Check the config against the model: layer indices, options the engine supports."""
     model = resolve_model(config.model)
     outputs = tuple(resolve_output(spec, model.num_layers) for spec in config.outputs)
-    if config.long_text.strategy == "sliding_window":
-        TextTokenizer(model.path, model.max_length, config.long_text.stride)  # checks the stride fits a window
+    if config.long_text.window_stride is not None:
+        TextTokenizer(model.path, model.max_length, config.long_text.window_stride)  # checks the stride fits a window
     return model, outputs
 
 
@@ -87,8 +87,7 @@ def _unit(out: ResolvedOutput, config: StrataConfig) -> str:
     """What one vector of this output stands for."""
     if out.token_level:
         return "token" if out.words == "none" else "word"
-    windowed = config.long_text.strategy == "sliding_window" and config.long_text.aggregate == "none"
-    return "window" if windowed else "document"
+    return "window" if config.long_text.window_rows else "document"
 
 
 def run(config: StrataConfig, console: Console | None = None) -> dict:
@@ -126,14 +125,13 @@ def _execute(plan: Plan, pending: list[Fragment], console: Console) -> list[Comm
     ray_pipeline.ensure_ray()
     resources = ray_pipeline.plan_resources(plan.config.compute.replicas, plan.config.compute.gpus_per_replica)
     long_text = plan.config.long_text
-    windowed = long_text.strategy == "sliding_window"
     settings = EmbedSettings(plan.model, plan.outputs, plan.config.model.dtype, plan.config.batching.token_budget,
                              plan.config.output.precision, resources.cpu_threads,
-                             window_rows=windowed and long_text.aggregate == "none")
+                             window_rows=long_text.window_rows)
     metadata = file_metadata(plan.model.name, plan.model.weights_sha256,
                              {o.name: list(o.layers) for o in plan.outputs}, plan.config.fingerprint())
     job = JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
-                  stride=long_text.stride if windowed else None)
+                  stride=long_text.window_stride)
     done_rows = plan.total_rows - sum(f.rows for f in pending)
     records = []
     with RunProgress(console, plan.total_rows, done_rows) as progress:

@@ -88,6 +88,9 @@ def test_fingerprint_tracks_vector_settings_only():
     assert config(output={"uri": "elsewhere/"}).fingerprint() == base
     assert config(outputs=[{"name": "embedding", "layers": [-2]}]).fingerprint() != base
     assert config(output={"uri": "out/", "precision": "float32"}).fingerprint() != base
+    assert config(long_text={"stride": 64}).fingerprint() == base  # unused while truncating
+    windows = config(long_text={"strategy": "sliding_window", "stride": 64}).fingerprint()
+    assert windows != base and config(long_text={"strategy": "sliding_window", "stride": 32}).fingerprint() != windows
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
