@@ -187,14 +187,34 @@ class StrataConfig(_Strict):
             raise ValueError(f"output.partition_by: {part!r} must be 'source', 'none' or one of input.keep_fields")
         return self
 
-    def fingerprint(self) -> str:
-        """Hash of every setting that changes the stored vectors or rows (not replicas or batching)."""
+    def identity(self) -> dict:
+        """Every setting that shapes the stored rows and vectors, plus `fragment_docs`, which
+        decides the fragments themselves (not replicas, token_budget or output.uri)."""
         relevant = self.model_dump(include={"input", "model", "outputs", "long_text", "output"})
         relevant["output"].pop("uri")
         if self.long_text.window_stride is None:  # stride and aggregate only matter for windows
             relevant["long_text"] = {"strategy": "truncate"}
-        blob = json.dumps(relevant, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        relevant["batching"] = {"fragment_docs": self.batching.fragment_docs}
+        return relevant
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.identity())
+
+
+def fingerprint_of(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, with both values: ["outputs.0.pooling: 'mean' → 'cls'"]."""
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        before, after = dict(enumerate(before)), dict(enumerate(after))
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return [] if before == after else [f"{prefix.rstrip('.')}: {before!r} → {after!r}"]
+    changes = []
+    for key in sorted(set(before) | set(after), key=str):
+        changes += identity_changes(before.get(key), after.get(key), f"{prefix}{key}.")
+    return changes
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> StrataConfig:

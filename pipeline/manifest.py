@@ -8,10 +8,12 @@ place: a fragment with a record is done, one without is recomputed. That is all 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import asdict, dataclass
 
+from pipeline.config import identity_changes
 from pipeline.errors import OutputError
-from pipeline.storage import Location
+from pipeline.storage import TEMP_PREFIX, Location
 
 RUN_FILE = "_manifest/run.json"
 FRAGMENTS_DIR = "_manifest/fragments"
@@ -50,9 +52,10 @@ class Manifest:
         """Claim the output for this run, or refuse if it holds a run with other settings."""
         previous = self.read_run()
         if previous and previous.get("fingerprint") != run["fingerprint"]:
+            changes = identity_changes(previous.get("identity", {}), run["identity"])[:3]
             raise OutputError(
                 f"output {self.location.uri()} holds a run made with different settings "
-                f"(fingerprint {previous.get('fingerprint')} there, {run['fingerprint']} now); "
+                f"({'; '.join(changes) or 'fingerprint ' + str(previous.get('fingerprint'))}); "
                 "use a new output.uri, or delete the old output to start over"
             )
         if previous and "summary" in previous:
@@ -64,6 +67,21 @@ class Manifest:
 
     def commit(self, record: CommitRecord) -> None:
         self.location.write_bytes(json.dumps(asdict(record)).encode(), FRAGMENTS_DIR, f"{record.fragment}.json")
+
+    def remove_uncommitted(self, committed: set[str]) -> list[str]:
+        """Delete data and quarantine files that no commit record accounts for (a run stopped
+        between writing them and committing) and leftover temporary files, so that a reader of
+        data/ never sees a document twice. Returns what was removed."""
+        candidates = self.location.find("data") + self.location.find("quarantine")
+        candidates += [f"{FRAGMENTS_DIR}/{name}" for name in self.location.list_names(FRAGMENTS_DIR)]
+        removed = []
+        for path in candidates:
+            name = posixpath.basename(path)
+            orphan = name.endswith(".parquet") and name.removesuffix(".parquet") not in committed
+            if name.startswith(TEMP_PREFIX) or (orphan and not path.startswith(FRAGMENTS_DIR)):
+                self.location.remove(path)
+                removed.append(path)
+        return removed
 
     def records(self) -> list[CommitRecord]:
         return [

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import fsspec
 from rich.console import Console
 
-from pipeline.config import StrataConfig
+from pipeline.config import StrataConfig, fingerprint_of
 from pipeline.embedder import EmbedSettings
 from pipeline.errors import StrataError
 from pipeline.extract import ResolvedOutput, resolve_output
@@ -46,6 +46,15 @@ class Plan:
     def total_rows(self) -> int:
         return sum(f.rows for f in self.fragments)
 
+    @property
+    def identity(self) -> dict:
+        """What a resumed run must share with the output's earlier runs: settings and weights."""
+        return {**self.config.identity(), "model_weights_sha256": self.model.weights_sha256}
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.identity)
+
 
 def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]]:
     """Check the config against the model: layer indices, options the engine supports."""
@@ -73,7 +82,8 @@ def run_record(plan: Plan) -> dict:
     hidden = plan.model.hidden_size
     return {
         "strata_version": __version__,
-        "fingerprint": plan.config.fingerprint(),
+        "fingerprint": plan.fingerprint,
+        "identity": plan.identity,
         "config": plan.config.model_dump(mode="json"),
         "model": asdict(plan.model),
         "outputs": {o.name: {"layers": list(o.layers), "shape": list(o.vector_shape(hidden)),
@@ -103,6 +113,9 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
     manifest.begin(run_info)
     committed = manifest.committed()
     pending = [f for f in plan.fragments if f.id not in committed]
+    removed = manifest.remove_uncommitted(committed)
+    if removed:
+        console.print(f"strata: removed {len(removed)} files an interrupted run left without a commit record")
     console.print(
         f"strata: {len(plan.fragments)} fragments planned over {run_info['plan']['shards']} shards "
         f"({plan.total_rows:,} rows); {len(plan.fragments) - len(pending)} already committed, {len(pending)} to do"
@@ -129,7 +142,7 @@ def _execute(plan: Plan, pending: list[Fragment], console: Console) -> list[Comm
                              plan.config.output.precision, resources.cpu_threads,
                              window_rows=long_text.window_rows)
     metadata = file_metadata(plan.model.name, plan.model.weights_sha256,
-                             {o.name: list(o.layers) for o in plan.outputs}, plan.config.fingerprint())
+                             {o.name: list(o.layers) for o in plan.outputs}, plan.fingerprint)
     job = JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
                   stride=long_text.window_stride)
     done_rows = plan.total_rows - sum(f.rows for f in pending)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+TEMP_PREFIX = "."  # a write in progress; hidden from dataset readers, removed on resume
+
 
 @dataclass(frozen=True)
 class Location:
@@ -43,15 +45,16 @@ class Location:
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole object so that readers never see it half-written.
 
-        Locally: a temporary sibling then an atomic rename. On object storage a single PUT is
-        already all-or-nothing.
+        Locally: a hidden temporary sibling (`.name.tmp-…`, which pyarrow and DuckDB readers skip)
+        then an atomic rename. On object storage a single PUT is already all-or-nothing.
         """
         target = self.path(*parts)
         if not self.is_local:
             self.fs.pipe_file(target, data)
             return
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        temp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        folder, name = posixpath.split(target)
+        self.fs.makedirs(folder, exist_ok=True)
+        temp = posixpath.join(folder, f"{TEMP_PREFIX}{name}.tmp-{uuid.uuid4().hex[:8]}")
         self.fs.pipe_file(temp, data)
         self.fs.mv(temp, target)
 
@@ -63,6 +66,14 @@ class Location:
         except FileNotFoundError:
             return []
         return [posixpath.basename(e.rstrip("/")) for e in entries]
+
+    def find(self, *parts: str) -> list[str]:
+        """Paths (relative to the root) of every file below a folder; empty if there is none."""
+        try:
+            found = self.fs.find(self.path(*parts))
+        except FileNotFoundError:
+            return []
+        return [posixpath.relpath(path, self.root) for path in found]
 
     def remove(self, *parts: str) -> None:
         self.fs.rm(self.path(*parts))

@@ -85,6 +85,7 @@ def test_fingerprint_tracks_vector_settings_only():
     base = config().fingerprint()
     assert config(compute={"replicas": 4}).fingerprint() == base
     assert config(batching={"token_budget": 1024}).fingerprint() == base
+    assert config(batching={"fragment_docs": 100}).fingerprint() != base  # other fragments, other files
     assert config(output={"uri": "elsewhere/"}).fingerprint() == base
     assert config(outputs=[{"name": "embedding", "layers": [-2]}]).fingerprint() != base
     assert config(output={"uri": "out/", "precision": "float32"}).fingerprint() != base

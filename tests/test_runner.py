@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,9 @@ def test_end_to_end_run_resume_and_recompute_one_fragment(ray_cluster, tmp_path)
     assert (out / "data" / "source=s0.jsonl").is_dir()
     meta = pq.read_schema(next((out / "data").rglob("*.parquet"))).metadata
     assert json.loads(meta[b"strata.layers"]) == {"sentence": [6], "layers_mean": [0, 1, 2, 3, 4, 5, 6]}
-    assert meta[b"strata.config_fingerprint"].decode() == cfg.fingerprint()
-
     run_json = json.loads((out / "_manifest" / "run.json").read_text())
-    assert run_json["fingerprint"] == cfg.fingerprint()
+    assert meta[b"strata.config_fingerprint"].decode() == run_json["fingerprint"]
+    assert run_json["identity"]["model_weights_sha256"] == run_json["model"]["weights_sha256"]
     assert run_json["model"]["num_layers"] == 6 and len(run_json["model"]["weights_sha256"]) == 64
     assert run_json["summary"]["docs"] == 23
     assert len(list((out / "_manifest" / "fragments").glob("*.json"))) == 5
@@ -145,12 +145,24 @@ def test_partition_by_keep_field_and_none(ray_cluster, tmp_path):
     assert ds.dataset(flat / "data").count_rows() == 7
 
 
-def test_resuming_with_other_vector_settings_is_refused(ray_cluster, tmp_path):
+def test_resuming_with_other_vector_settings_is_refused(ray_cluster, tmp_path, model_info):
     corpus, out = small_corpus(tmp_path / "in", docs_per_shard=(3,)), tmp_path / "out"
-    run(config(corpus, out))
-    run(config(corpus, out, compute={"replicas": 1}, batching={"token_budget": 512}))  # allowed
-    with pytest.raises(OutputError, match="different settings"):
-        run(config(corpus, out, output={"precision": "float32"}))
+    model = tmp_path / "model"
+    shutil.copytree(model_info.path, model)
+    run(config(corpus, out, model={"name_or_path": str(model), "max_length": 64}))
+    same = {"model": {"name_or_path": str(model), "max_length": 64}}
+    run(config(corpus, out, compute={"replicas": 1}, batching={"token_budget": 512}, **same))  # allowed
+    with pytest.raises(OutputError, match="different settings .output.precision: 'float16' → 'float32'"):
+        run(config(corpus, out, output={"precision": "float32"}, **same))
+    changed_pooling = [{**OUTPUTS[0]}, {**OUTPUTS[1], "pooling": "cls"}]
+    with pytest.raises(OutputError, match="outputs.1.pooling: 'mean' → 'cls'.*use a new output.uri"):
+        run(config(corpus, out, outputs=changed_pooling, **same))
+    with pytest.raises(OutputError, match="batching.fragment_docs: 5 → 2"):  # would cut other fragments
+        run(config(corpus, out, batching={"fragment_docs": 2}, **same))
+    with open(model / "model.safetensors", "ab") as f:  # same folder, other weights
+        f.write(b"\0")
+    with pytest.raises(OutputError, match="model_weights_sha256"):
+        run(config(corpus, out, **same))
 
 
 def test_windows_as_rows_and_token_level_outputs_through_ray(ray_cluster, tmp_path):
