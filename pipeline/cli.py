@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from typing import Optional
 
 import typer
@@ -64,6 +65,7 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
     if run_info is None:
         raise StrataError(f"{output_uri} holds no strata run (no _manifest/run.json)")
     records = manifest.records()
+    failures = manifest.failures()
     report = {
         "output": output_uri,
         "fingerprint": run_info["fingerprint"],
@@ -71,21 +73,29 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
         "fragments_planned": run_info["plan"]["fragments"],
         "fragments_committed": len(records),
         "fragments_pending": max(run_info["plan"]["fragments"] - len(records), 0),
+        "fragments_failed": sum(1 for f in failures if f.rows is not None),
+        "shards_failed": sum(1 for f in failures if f.rows is None),
         "rows_planned": run_info["plan"]["rows"],
         "docs": sum(r.docs for r in records),
         "quarantined": sum(r.quarantined for r in records),
         "blank": sum(r.blank for r in records),
         "tokens": sum(r.tokens for r in records),
         "last_run": run_info.get("summary"),
+        "failures": [asdict(f) for f in failures],
     }
     if as_json:
         out.print_json(json.dumps(report))
         return
     table = Table(title=f"strata status: {output_uri}", show_header=False)
     for key, value in report.items():
-        if key != "last_run":
+        if key not in ("last_run", "failures"):
             table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     out.print(table)
+    if failures:
+        failed = Table("fragment / shard", "source", "rows", "reason", title="failed in the last run (a rerun retries them)")
+        for f in failures:
+            failed.add_row(f.fragment, f.source, "?" if f.rows is None else f"{f.rows:,}", f.reason)
+        out.print(failed)
 
 
 def main() -> None:

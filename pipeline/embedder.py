@@ -44,6 +44,13 @@ class EmbedResult:
     vectors: dict[str, np.ndarray]  # output name -> (units, *vector_shape)
     token_units: dict[str, TokenUnits]  # token-level outputs: units per row, character spans
     padded_tokens: int
+    failed_docs: dict[int, str]  # document index -> why it could not be embedded (its rows are junk)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA or CPU allocation failure (torch raises RuntimeError for the latter)."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 class Embedder:
@@ -65,27 +72,52 @@ class Embedder:
             for out in self.settings.outputs
         }
         starts = windows.starts
-        batches = pack_micro_batches(windows.lengths, self.settings.token_budget)
-        for batch in batches:
-            width = int(windows.lengths[batch].max())
-            positions = np.arange(width)[None, :]
-            valid = positions < windows.lengths[batch][:, None]  # (B, T)
-            input_ids = self._padded(windows.ids, starts, batch, valid, 0)
-            hidden_states = self.encoder(input_ids, self._to_device(valid.astype(np.int64)))  # depth + 1 of (B, T, D)
-            lo, hi = plan.owned[batch, 0:1], plan.owned[batch, 1:2]
-            owned = self._to_device((positions >= lo) & (positions < hi))
-            for out in self.settings.outputs:
-                if out.token_level:
-                    unit = self._padded(units[out.name].unit, starts, batch, valid, -1)
-                    emit = unit >= 0
-                    values = token_vectors(hidden_states, emit, out)
-                    index = unit[emit]
-                    accumulators[out.name].add(index, values, torch.ones(len(index), device=self.device))
+        todo = pack_micro_batches(windows.lengths, self.settings.token_budget)[::-1]
+        done, failed = [], {}
+        while todo:  # a stack: a micro-batch that runs out of memory is split in halves and retried
+            batch = todo.pop()
+            try:
+                contributions = self._forward(windows, starts, batch, plan, units)
+            except Exception as exc:  # noqa: BLE001 - only allocation failures are handled here
+                if not is_out_of_memory(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if len(batch) > 1:
+                    todo += [batch[len(batch) // 2 :], batch[: len(batch) // 2]]
                 else:
-                    values, weights = pool_windows(hidden_states, owned, out)
-                    accumulators[out.name].add(self._to_device(plan.row_of_window[batch]), values, weights)
+                    doc = int(windows.doc[batch[0]])
+                    failed[doc] = f"out of memory embedding a window of {int(windows.lengths[batch[0]])} tokens alone"
+                continue
+            for name, (index, values, weights) in contributions.items():
+                accumulators[name].add(index, values, weights)
+            done.append(batch)
         vectors = {name: acc.result().to(self.torch_precision).cpu().numpy() for name, acc in accumulators.items()}
-        return EmbedResult(plan, vectors, units, padded_tokens(windows.lengths, batches))
+        return EmbedResult(plan, vectors, units, padded_tokens(windows.lengths, done), failed)
+
+    def _forward(self, windows: TokenWindows, starts: np.ndarray, batch: np.ndarray, plan: RowPlan,
+                 units: dict[str, TokenUnits]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One forward pass; per output what it adds to its accumulator: (unit index, values, weights).
+        Nothing is added here, so a pass that fails half-way leaves the accumulators untouched."""
+        width = int(windows.lengths[batch].max())
+        positions = np.arange(width)[None, :]
+        valid = positions < windows.lengths[batch][:, None]  # (B, T)
+        input_ids = self._padded(windows.ids, starts, batch, valid, 0)
+        hidden_states = self.encoder(input_ids, self._to_device(valid.astype(np.int64)))  # depth + 1 of (B, T, D)
+        lo, hi = plan.owned[batch, 0:1], plan.owned[batch, 1:2]
+        owned = self._to_device((positions >= lo) & (positions < hi))
+        contributions = {}
+        for out in self.settings.outputs:
+            if out.token_level:
+                unit = self._padded(units[out.name].unit, starts, batch, valid, -1)
+                emit = unit >= 0
+                index = unit[emit]
+                contributions[out.name] = (index, token_vectors(hidden_states, emit, out),
+                                           torch.ones(len(index), device=self.device))
+            else:
+                values, weights = pool_windows(hidden_states, owned, out)
+                contributions[out.name] = (self._to_device(plan.row_of_window[batch]), values, weights)
+        return contributions
 
     def _padded(self, flat: np.ndarray, starts: np.ndarray, batch: np.ndarray, valid: np.ndarray, fill: int):
         # the batch's windows of a flat per-token array as a (B, T) int64 tensor on the device

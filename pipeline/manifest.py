@@ -3,6 +3,7 @@
 `run.json` holds the resolved config, its fingerprint, the model identity and the latest
 summary. `fragments/<id>.json` is written only after every data file of that fragment is in
 place: a fragment with a record is done, one without is recomputed. That is all resuming needs.
+`failures/<id>.json` says why the last run could not embed a fragment or a shard.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.storage import TEMP_PREFIX, Location
 
 RUN_FILE = "_manifest/run.json"
 FRAGMENTS_DIR = "_manifest/fragments"
+FAILURES_DIR = "_manifest/failures"
 
 
 @dataclass
@@ -34,6 +36,16 @@ class CommitRecord:
     padded_tokens: int
     seconds: float
     quarantine_file: str | None = None
+
+
+@dataclass
+class FailureRecord:
+    """A fragment (or a whole shard) the last run could not embed, and why; rerunning retries it."""
+
+    fragment: str  # fragment id, or shard-<digest> for a shard that could not even be counted
+    source: str
+    reason: str
+    rows: int | None  # input rows left out; None when the shard could not be counted
 
 
 class Manifest:
@@ -67,6 +79,18 @@ class Manifest:
 
     def commit(self, record: CommitRecord) -> None:
         self.location.write_bytes(json.dumps(asdict(record)).encode(), FRAGMENTS_DIR, f"{record.fragment}.json")
+
+    def fail(self, record: FailureRecord) -> None:
+        self.location.write_bytes(json.dumps(asdict(record)).encode(), FAILURES_DIR, f"{record.fragment}.json")
+
+    def failures(self) -> list[FailureRecord]:
+        names = sorted(n for n in self.location.list_names(FAILURES_DIR) if n.endswith(".json"))
+        return [FailureRecord(**json.loads(self.location.read_bytes(FAILURES_DIR, n))) for n in names]
+
+    def clear_failures(self) -> None:
+        """A new run retries everything that failed before; its own failures are recorded anew."""
+        for name in self.location.list_names(FAILURES_DIR):
+            self.location.remove(FAILURES_DIR, name)
 
     def remove_uncommitted(self, committed: set[str]) -> list[str]:
         """Delete data and quarantine files that no commit record accounts for (a run stopped

@@ -65,6 +65,8 @@ def summary_table(summary: dict) -> Table:
         ("docs", "documents embedded"),
         ("quarantined", "documents quarantined"),
         ("blank", "blank lines skipped"),
+        ("failed_fragments", "fragments failed (this run)"),
+        ("failed_shards", "shards unreadable (this run)"),
         ("tokens", "tokens"),
         ("tokens_per_s", "tokens/s (this run)"),
         ("docs_per_s", "docs/s (this run)"),
@@ -73,6 +75,8 @@ def summary_table(summary: dict) -> Table:
     ]
     for key, label in labels:
         value = summary.get(key)
+        if key.startswith("failed_") and not value:
+            continue
         if isinstance(value, float):
             value = f"{value:.1%}" if key == "padding_share" else f"{value:,.1f}"
         elif isinstance(value, int):

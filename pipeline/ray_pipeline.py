@@ -20,15 +20,19 @@ from typing import Iterator
 
 import pyarrow as pa
 import ray
+from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up on raises
 
 from pipeline.fragments import Fragment
-from pipeline.manifest import CommitRecord
+from pipeline.manifest import CommitRecord, FailureRecord
 from pipeline.stages import Embed, JobSpec, Tokenize, read_shard, write_fragment
 
 # Logical CPUs reserved per step. Kept below one so that on a 2-core machine the replica, a
 # tokenizer and the I/O tasks are all scheduled at once instead of waiting on each other.
 IO_TASK_CPUS = 0.25  # read and write tasks mostly wait on storage
 TOKENIZER_CPUS = 0.5
+# A dead actor (killed for memory, a native crash, a lost node) is restarted and its fragment
+# retried this many times; after that the run stops with the error and a rerun resumes.
+ACTOR_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,8 @@ def plan_resources(replicas: int | str, gpus_per_replica: float) -> Resources:
     )
 
 
-def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -> Iterator[CommitRecord]:
-    """Process the pending fragments; yields each commit record as it lands."""
+def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -> Iterator[CommitRecord | FailureRecord]:
+    """Process the pending fragments; yields each commit (or failure) record as it lands."""
     by_shard: dict[str, list[Fragment]] = {}
     for fragment in pending:
         by_shard.setdefault(fragment.shard.source, []).append(fragment)
@@ -87,14 +91,15 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
     embed = functools.partial(Embed, job.embed, job.input.keep_fields)
     ds = ds.map_batches(_actor_step(tokenize), batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.tokenizers),
-                        num_cpus=TOKENIZER_CPUS)
+                        num_cpus=TOKENIZER_CPUS, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_actor_step(embed), batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=resources.replicas), num_gpus=resources.gpus_per_replica,
-                        num_cpus=resources.cpus_per_replica)
+                        num_cpus=resources.cpus_per_replica, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_write_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
                         num_cpus=IO_TASK_CPUS)
     for row in ds.iter_rows():
-        yield CommitRecord(**json.loads(row["record"]))
+        kind = CommitRecord if row["kind"] == "commit" else FailureRecord
+        yield kind(**json.loads(row["record"]))
 
 
 def _one(batch: pa.Table) -> dict:
@@ -131,4 +136,5 @@ def _actor_step(make_step):
 
 def _write_step(batch: pa.Table, job: JobSpec) -> pa.Table:
     record = write_fragment(_one(batch), job)
-    return pa.table({"record": [json.dumps(asdict(record))]})
+    kind = "commit" if isinstance(record, CommitRecord) else "failure"
+    return pa.table({"kind": [kind], "record": [json.dumps(asdict(record))]})

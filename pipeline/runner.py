@@ -7,6 +7,7 @@ ever live inside the Ray stages.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -16,10 +17,10 @@ from rich.console import Console
 
 from pipeline.config import StrataConfig, fingerprint_of
 from pipeline.embedder import EmbedSettings
-from pipeline.errors import StrataError
+from pipeline.errors import InputError, StrataError
 from pipeline.extract import ResolvedOutput, resolve_output
 from pipeline.fragments import Fragment, plan_fragments
-from pipeline.manifest import CommitRecord, Manifest, check_writable
+from pipeline.manifest import CommitRecord, FailureRecord, Manifest, check_writable
 from pipeline.model import ModelInfo, resolve_model
 from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, summary_table
@@ -41,6 +42,8 @@ class Plan:
     model: ModelInfo
     outputs: tuple[ResolvedOutput, ...]
     fragments: list[Fragment]
+    bad_shards: list[FailureRecord]  # shards that could not even be counted
+    skipped: list[str]  # files under input.uri that are not corpus files
 
     @property
     def total_rows(self) -> int:
@@ -67,12 +70,27 @@ def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]
 
 def make_plan(config: StrataConfig, resolved: tuple[ModelInfo, tuple[ResolvedOutput, ...]] | None = None) -> Plan:
     model, outputs = resolved or resolve(config)
-    shards = list_shards(config.input)
+    skipped: list[str] = []
+    shards = list_shards(config.input, skipped=skipped)
     fs, _ = fsspec.core.url_to_fs(config.input.uri)
     with ThreadPoolExecutor(COUNT_THREADS) as pool:
-        counts = list(pool.map(lambda shard: count_rows(fs, shard), shards))
-    fragments = plan_fragments(list(zip(shards, counts)), config.batching.fragment_docs)
-    return Plan(config, model, outputs, fragments)
+        counts = list(pool.map(lambda shard: _count(fs, shard), shards))
+    good = [(shard, count) for shard, count in zip(shards, counts) if isinstance(count, int)]
+    bad = [FailureRecord(shard_failure_id(shard.source), shard.source, reason, None)
+           for shard, reason in zip(shards, counts) if isinstance(reason, str)]
+    return Plan(config, model, outputs, plan_fragments(good, config.batching.fragment_docs), bad, skipped)
+
+
+def _count(fs, shard) -> int | str:
+    """Rows of a shard, or why it cannot be read (an unreadable shard must not stop the run)."""
+    try:
+        return count_rows(fs, shard)
+    except InputError as exc:
+        return str(exc)
+
+
+def shard_failure_id(source: str) -> str:
+    return "shard-" + hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
 def run_record(plan: Plan) -> dict:
@@ -111,6 +129,14 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
     manifest = Manifest(location)
     run_info = run_record(plan)
     manifest.begin(run_info)
+    manifest.clear_failures()  # this run retries them
+    if plan.skipped:
+        names = ", ".join(plan.skipped[:5]) + (", ..." if len(plan.skipped) > 5 else "")
+        console.print(f"strata: ignoring {len(plan.skipped)} files that are not corpus files ({names})",
+                      markup=False, highlight=False)
+    for failure in plan.bad_shards:
+        manifest.fail(failure)
+        console.print(f"strata: skipping shard {failure.source}: {failure.reason}", markup=False, highlight=False)
     committed = manifest.committed()
     pending = [f for f in plan.fragments if f.id not in committed]
     removed = manifest.remove_uncommitted(committed)
@@ -121,18 +147,21 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
         f"({plan.total_rows:,} rows); {len(plan.fragments) - len(pending)} already committed, {len(pending)} to do"
     )
     this_run: list[CommitRecord] = []
+    failed: list[FailureRecord] = list(plan.bad_shards)
     if pending:
-        this_run = _execute(plan, pending, console)
-    else:
+        this_run, failed_fragments = _execute(plan, pending, console)
+        failed += failed_fragments
+    elif not plan.bad_shards:
         console.print("strata: nothing to do, every fragment is committed")
-    summary = summarize(plan, manifest.records(), this_run, time.monotonic() - started)
+    summary = summarize(plan, manifest.records(), this_run, failed, time.monotonic() - started)
     manifest.write_run({**run_info, "summary": summary})
     console.print(summary_table(summary))
+    _check_failures(failed, config.output.uri)
     _check_error_budget(summary, config.run.max_error_rate)
     return summary
 
 
-def _execute(plan: Plan, pending: list[Fragment], console: Console) -> list[CommitRecord]:
+def _execute(plan: Plan, pending: list[Fragment], console: Console) -> tuple[list[CommitRecord], list[FailureRecord]]:
     from pipeline import ray_pipeline
 
     ray_pipeline.ensure_ray()
@@ -146,15 +175,26 @@ def _execute(plan: Plan, pending: list[Fragment], console: Console) -> list[Comm
     job = JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
                   stride=long_text.window_stride)
     done_rows = plan.total_rows - sum(f.rows for f in pending)
-    records = []
+    records, failures = [], []
     with RunProgress(console, plan.total_rows, done_rows) as progress:
-        for record in ray_pipeline.run_fragments(pending, job, resources):
-            records.append(record)
-            progress.update(record)
-    return records
+        try:
+            for record in ray_pipeline.run_fragments(pending, job, resources):
+                if isinstance(record, FailureRecord):
+                    failures.append(record)
+                    console.print(f"strata: fragment {record.fragment} failed: {record.reason}", markup=False,
+                                  highlight=False)
+                else:
+                    records.append(record)
+                    progress.update(record)
+        except ray_pipeline.RayError as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunFailed(f"the run stopped after {len(records)} fragments: {first_line}; committed fragments "
+                            "are kept, rerun the same command to resume") from None
+    return records, failures
 
 
-def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitRecord], wall: float) -> dict:
+def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitRecord], failed: list[FailureRecord],
+              wall: float) -> dict:
     planned = {f.id for f in plan.fragments}
     done = [r for r in records if r.fragment in planned]
     run_tokens = sum(r.tokens for r in this_run)
@@ -166,6 +206,9 @@ def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitReco
         "quarantined": sum(r.quarantined for r in done),
         "blank": sum(r.blank for r in done),
         "tokens": sum(r.tokens for r in done),
+        "failed_fragments": sum(1 for f in failed if f.rows is not None),
+        "failed_shards": sum(1 for f in failed if f.rows is None),
+        "failed_rows": sum(f.rows or 0 for f in failed),
         "fragments_this_run": len(this_run),
         "docs_this_run": run_docs,
         "tokens_this_run": run_tokens,
@@ -174,6 +217,17 @@ def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitReco
         "padding_share": 1 - run_tokens / padded if padded else 0.0,
         "wall_seconds": wall,
     }
+
+
+def _check_failures(failed: list[FailureRecord], output_uri: str) -> None:
+    if failed:
+        fragments = sum(1 for f in failed if f.rows is not None)
+        shards = len(failed) - fragments
+        raise RunFailed(
+            f"{fragments} fragments and {shards} shards could not be embedded ({failed[0].source}: "
+            f"{failed[0].reason}); all reasons: strata status {output_uri}; committed work is kept and "
+            "rerunning retries the failed parts"
+        )
 
 
 def _check_error_budget(summary: dict, max_error_rate: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -23,6 +24,7 @@ from pipeline.errors import InputError
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 QUARANTINE_TEXT_CHARS = 200
+_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f]")  # a character a tokenizer does not strip away
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,10 @@ def detect_format(name: str, declared: str) -> tuple[str | None, str | None]:
     return fmt, compression
 
 
-def list_shards(cfg: InputConfig, filesystem: fsspec.AbstractFileSystem | None = None) -> list[Shard]:
-    """Every corpus file under input.uri (a file, a folder/prefix, or a glob), sorted by source."""
+def list_shards(cfg: InputConfig, filesystem: fsspec.AbstractFileSystem | None = None,
+                skipped: list[str] | None = None) -> list[Shard]:
+    """Every corpus file under input.uri (a file, a folder/prefix, or a glob), sorted by source.
+    Files that are not corpus files are left out; their names go to `skipped` when given."""
     fs, path = fsspec.core.url_to_fs(cfg.uri) if filesystem is None else (filesystem, cfg.uri)
     path = path.rstrip("/") or "/"
     if fsspec.core.has_magic(path):
@@ -83,6 +87,8 @@ def list_shards(cfg: InputConfig, filesystem: fsspec.AbstractFileSystem | None =
             continue  # hidden files, _SUCCESS markers, ...
         fmt, compression = detect_format(name, cfg.format)
         if fmt is None:
+            if skipped is not None:
+                skipped.append(rel)
             continue
         shards.append(Shard(name, rel, fmt, compression, int(info.get("size") or 0)))
     if not shards:
@@ -257,6 +263,8 @@ def _text_problem(text: object, field_name: str, present: bool) -> str | None:
         return f"{field_name!r} is a {type(text).__name__}, not a string"
     if not text.strip():
         return f"{field_name!r} is empty or whitespace"
+    if not _VISIBLE.search(text):
+        return f"{field_name!r} holds only whitespace and control characters (NUL, ...)"
     return None
 
 

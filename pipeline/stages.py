@@ -9,20 +9,23 @@ wires these steps into a Ray Data dataset, and tests call them directly.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import InputConfig
 from pipeline.embedder import Embedder, EmbedSettings
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
-from pipeline.manifest import CommitRecord, Manifest
+from pipeline.errors import StrataError
+from pipeline.manifest import CommitRecord, FailureRecord, Manifest
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
-from pipeline.sources import Shard, read_ranges
+from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_ranges
 from pipeline.storage import Location
 from pipeline.tokenize import TextTokenizer, TokenWindows
 
@@ -40,19 +43,46 @@ class JobSpec:
 
 
 def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig) -> Iterator[dict]:
-    """One payload per fragment of this shard, reading the shard once."""
+    """One payload per fragment of this shard, reading the shard once. If the shard breaks off
+    (a truncated gzip, a vanished file), the fragments not yet read carry the error instead."""
     fs, _ = fsspec.core.url_to_fs(cfg.uri)
-    started = time.time()
-    ranges = [(f.start, f.end) for f in fragments]
-    for fragment, rows in zip(sorted(fragments, key=lambda f: f.start), read_ranges(fs, shard, ranges, cfg)):
-        yield {
-            "fragment": fragment.to_json(),
-            "docs": table_to_bytes(rows.docs),
-            "quarantine": table_to_bytes(quarantine_table(rows.quarantine)),
-            "blank": rows.blank,
-            "started": started,
-        }
-        started = time.time()
+    fragments = sorted(fragments, key=lambda f: f.start)
+    started, done = time.time(), 0
+    try:
+        for fragment, rows in zip(fragments, read_ranges(fs, shard, [(f.start, f.end) for f in fragments], cfg)):
+            yield _payload(fragment, started, docs=table_to_bytes(rows.docs), blank=rows.blank,
+                           quarantine=table_to_bytes(quarantine_table(rows.quarantine)))
+            started, done = time.time(), done + 1
+    except Exception as exc:  # noqa: BLE001 - whatever broke the shard is the fragments' failure reason
+        for fragment in fragments[done:]:
+            yield _payload(fragment, started, error=f"cannot read shard {shard.source}: {_describe(exc)}")
+
+
+def _payload(fragment: Fragment, started: float, **fields) -> dict:
+    """Every payload has the same keys from the first step on, so Ray Data sees one schema."""
+    empty = table_to_bytes(quarantine_table([]))
+    return {"fragment": fragment.to_json(), "started": started, "docs": b"", "quarantine": empty, "windows": b"",
+            "blank": 0, "embedded": 0, "padded_tokens": 0, "error": "", **fields}
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, StrataError) else f"{type(exc).__name__}: {exc}"
+
+
+def _guarded(step):
+    """A step that passes failed payloads through and turns its own exception into the
+    fragment's failure reason, so one bad fragment never stops the run."""
+
+    @functools.wraps(step)
+    def run(self, payload: dict) -> dict:
+        if payload["error"]:
+            return payload
+        try:
+            return step(self, payload)
+        except Exception as exc:  # noqa: BLE001 - recorded as the fragment's failure
+            return {**payload, "docs": b"", "windows": b"", "error": f"{type(self).__name__.lower()}: {_describe(exc)}"}
+
+    return run
 
 
 class Tokenize:
@@ -61,13 +91,32 @@ class Tokenize:
     def __init__(self, model_path: str, max_length: int, stride: int | None, details: bool):
         self.tokenizer = TextTokenizer(model_path, max_length, stride, details)
 
+    @_guarded
     def __call__(self, payload: dict) -> dict:
         docs = table_from_bytes(payload["docs"])
-        windows = self.tokenizer.encode(docs["text"].to_pylist())
+        texts = docs["text"].to_pylist()
+        try:
+            windows = self.tokenizer.encode(texts)
+            bad: dict[int, str] = {}
+        except Exception:  # noqa: BLE001 - find the documents the tokenizer rejects, keep the rest
+            bad = self._rejected(texts)
+            docs = docs.filter(pa.array([i not in bad for i in range(len(texts))]))
+            windows = self.tokenizer.encode(docs["text"].to_pylist())
+        quarantine = _append_quarantine(payload["quarantine"], table_from_bytes(payload["docs"]), bad, texts)
         docs = docs.drop_columns(["text"])
         docs = docs.append_column("n_tokens", pa.array(windows.n_tokens, pa.int32()))
         docs = docs.append_column("truncated", pa.array(windows.truncated, pa.bool_()))
-        return {**payload, "docs": table_to_bytes(docs), "windows": table_to_bytes(windows.to_table())}
+        return {**payload, "docs": table_to_bytes(docs), "windows": table_to_bytes(windows.to_table()),
+                "quarantine": quarantine}
+
+    def _rejected(self, texts: list[str]) -> dict[int, str]:
+        bad = {}
+        for i, text in enumerate(texts):
+            try:
+                self.tokenizer.encode([text])
+            except Exception as exc:  # noqa: BLE001
+                bad[i] = f"the tokenizer failed: {_describe(exc)}"
+        return bad
 
 
 class Embed:
@@ -77,20 +126,41 @@ class Embed:
         self.embedder = Embedder(settings)
         self.keep_fields = keep_fields
 
+    @_guarded
     def __call__(self, payload: dict) -> dict:
         docs = table_from_bytes(payload["docs"])
         windows = TokenWindows.from_table(table_from_bytes(payload["windows"]), docs["n_tokens"].to_numpy(),
                                           docs["truncated"].to_numpy(zero_copy_only=False))
         result = self.embedder.embed(windows)
         rows = output_table(row_table(docs, windows, self.embedder.settings.window_rows, self.keep_fields), result)
-        return {**payload, "docs": table_to_bytes(rows), "windows": b"", "embedded": docs.num_rows,
-                "padded_tokens": result.padded_tokens}
+        quarantine = payload["quarantine"]
+        if result.failed_docs:  # drop every row (document or window) of a document that failed
+            row_doc = windows.doc if self.embedder.settings.window_rows else np.arange(docs.num_rows)
+            rows = rows.filter(pa.array(~np.isin(row_doc, list(result.failed_docs))))
+            quarantine = _append_quarantine(quarantine, docs, result.failed_docs)
+        return {**payload, "docs": table_to_bytes(rows), "windows": b"", "quarantine": quarantine,
+                "embedded": docs.num_rows - len(result.failed_docs), "padded_tokens": result.padded_tokens}
 
 
-def write_fragment(payload: dict, job: JobSpec) -> CommitRecord:
-    """Write the data files, then the quarantine file, then the commit record (last)."""
+def _append_quarantine(quarantine: bytes, docs: pa.Table, reasons: dict[int, str], texts: list[str] | None = None) -> bytes:
+    """The fragment's quarantine table plus the given documents (row index in docs -> reason)."""
+    if not reasons:
+        return quarantine
+    added = [{"id": docs["id"][i].as_py(), "source": docs["source"][i].as_py(), "row": docs["row"][i].as_py(),
+              "reason": reason, "text": (texts[i] if texts else "")[:QUARANTINE_TEXT_CHARS]}
+             for i, reason in sorted(reasons.items())]
+    return table_to_bytes(pa.concat_tables([table_from_bytes(quarantine), quarantine_table(added)]))
+
+
+def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
+    """Write the data files, then the quarantine file, then the commit record (last); or, for a
+    fragment that failed on the way, its failure record."""
     fragment = Fragment.from_json(payload["fragment"])
     location = Location.from_uri(job.output_uri)
+    if payload["error"]:
+        failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"], fragment.rows)
+        Manifest(location).fail(failure)
+        return failure
     rows = table_from_bytes(payload["docs"])
     files = []
     for path, part in partition_files(rows, job.partition_by, fragment.id):
@@ -112,7 +182,7 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord:
         quarantined=quarantine.num_rows,
         blank=int(payload["blank"]),
         tokens=int(pc.sum(rows["n_tokens"]).as_py() or 0),
-        padded_tokens=int(payload.get("padded_tokens", 0)),
+        padded_tokens=int(payload["padded_tokens"]),
         seconds=round(time.time() - float(payload["started"]), 3),
         quarantine_file=quarantine_file,
     )
