@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import functools
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -55,6 +56,8 @@ def ensure_ray() -> None:
     # so a shard's fragments would travel, embed and commit as one lump instead of streaming
     context.target_max_block_size = 1
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # bounded actor restarts still go through map_batches' remote args (pyproject pins ray < 2.64)
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
 
 
 def plan_resources(replicas: int | str, gpus_per_replica: float) -> Resources:

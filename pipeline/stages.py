@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import faults
 from pipeline.config import InputConfig
 from pipeline.embedder import Embedder, EmbedSettings
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
@@ -132,6 +133,7 @@ class Embed:
         windows = TokenWindows.from_table(table_from_bytes(payload["windows"]), docs["n_tokens"].to_numpy(),
                                           docs["truncated"].to_numpy(zero_copy_only=False))
         result = self.embedder.embed(windows)
+        faults.maybe_kill("embed")
         rows = output_table(row_table(docs, windows, self.embedder.settings.window_rows, self.keep_fields), result)
         quarantine = payload["quarantine"]
         if result.failed_docs:  # drop every row (document or window) of a document that failed

@@ -1,0 +1,27 @@
+"""Fault injection for testing the recovery paths; inert unless STRATA_FAULT is set.
+
+    STRATA_FAULT=kill-embed-once:/path/marker    the first embed call to find no marker file
+                                                 creates it, then kills its own worker process
+    STRATA_FAULT=kill-embed-always:/path/marker  every embed call kills its worker process
+
+The kill lands after the fragment's forward passes and before anything is written, the way a
+kernel OOM kill, a segfault in native code or a lost spot node hits a real run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def maybe_kill(step: str) -> None:
+    kind, _, marker = os.environ.get("STRATA_FAULT", "").partition(":")
+    if kind == f"kill-{step}-always":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == f"kill-{step}-once":
+        try:
+            with open(marker, "x"):
+                pass
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,124 @@
+"""Worker faults: out-of-memory micro-batches (in process) and a model replica killed mid-fragment."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from pipeline.config import InputConfig, OutputSpec
+from pipeline.embedder import Embedder, EmbedSettings
+from pipeline.extract import resolve_output
+from pipeline.fragments import plan_fragments, table_from_bytes
+from pipeline.sources import count_rows, list_shards
+from pipeline.stages import Embed, Tokenize, read_shard
+from pipeline.tokenize import TextTokenizer
+
+from conftest import CORPUS, write_config
+
+SPEC = OutputSpec(name="v", layers=[-1], pooling="mean", combine="concat")
+
+
+class OutOfMemoryWhen:
+    """The encoder, failing like CUDA does when a batch is too big for the device."""
+
+    def __init__(self, encoder, too_big):
+        self.encoder, self.too_big, self.raised = encoder, too_big, 0
+
+    def __call__(self, input_ids, mask):
+        if self.too_big(input_ids):
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.encoder(input_ids, mask)
+
+
+def settings(model_info):
+    return EmbedSettings(model_info, (resolve_output(SPEC, model_info.num_layers),), "float32", 4096, "float32")
+
+
+def test_an_out_of_memory_batch_is_split_and_retried(model_info):
+    texts = [json.loads(line)["text"] for line in (CORPUS / "part-0.jsonl").read_text().splitlines()[:24]]
+    windows = TextTokenizer(model_info.path, 128).encode(texts)
+    expected = Embedder(settings(model_info), torch.device("cpu")).embed(windows)
+    embedder = Embedder(settings(model_info), torch.device("cpu"))
+    embedder.encoder = OutOfMemoryWhen(embedder.encoder, lambda ids: ids.shape[0] > 3)
+    result = embedder.embed(windows)
+    assert embedder.encoder.raised >= 3 and not result.failed_docs
+    np.testing.assert_allclose(result.vectors["v"], expected.vectors["v"], atol=1e-5)
+
+
+def test_a_document_too_big_even_alone_is_quarantined(model_info, tmp_path):
+    source = tmp_path / "s.jsonl"
+    lines = (CORPUS / "part-0.jsonl").read_text().splitlines()[:30]
+    source.write_text("\n".join(lines) + "\n")
+    cfg = InputConfig(uri=str(source))
+    shard = list_shards(cfg)[0]
+    fragment = plan_fragments([(shard, count_rows(shard_fs(), shard))], 100)[0]
+    payload = next(read_shard(shard, [fragment], cfg))
+    payload = Tokenize(model_info.path, 256, None, False)(payload)
+    embed = Embed(settings(model_info), [])
+    embed.embedder.encoder = OutOfMemoryWhen(embed.embedder.encoder, lambda ids: ids.shape[1] > 200)
+    out = embed(payload)
+    assert not out["error"]
+    quarantine = table_from_bytes(out["quarantine"]).to_pylist()
+    docs = [json.loads(line) for line in lines]
+    lengths = TextTokenizer(model_info.path, 256).encode([d["text"] for d in docs]).lengths
+    long_ids = [d["id"] for d, n in zip(docs, lengths) if n > 200]
+    assert long_ids and sorted(q["id"] for q in quarantine) == sorted(long_ids)
+    assert all(q["reason"].startswith("out of memory embedding a window of") for q in quarantine)
+    rows = table_from_bytes(out["docs"])
+    assert out["embedded"] == rows.num_rows == 30 - len(quarantine) > 0
+    assert not set(rows["id"].to_pylist()) & set(long_ids)
+
+
+def shard_fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+def cli_run(cfg: Path, fault: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STRATA_FAULT": fault}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "s.jsonl").write_text("\n".join((CORPUS / "part-0.jsonl").read_text().splitlines()[:20]) + "\n")
+    cfg = write_config(tmp_path / "c.yaml", input={"uri": str(corpus)}, model={"max_length": 64},
+                       batching={"fragment_docs": 5}, output={"uri": str(tmp_path / "out")})
+    return cfg, tmp_path / "out"
+
+
+def ids_in(out: Path) -> list[str]:
+    return sorted(ds.dataset(out / "data", partitioning="hive").to_table(columns=["id"])["id"].to_pylist())
+
+
+def test_a_replica_killed_mid_fragment_is_restarted_and_the_fragment_redone(small_run, tmp_path):
+    cfg, out = small_run
+    marker = tmp_path / "killed-once"
+    result = cli_run(cfg, f"kill-embed-once:{marker}")
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()  # the fault fired: one replica died after embedding a fragment
+    ids = ids_in(out)
+    assert len(ids) == 20 and len(set(ids)) == 20
+
+
+def test_a_fragment_that_keeps_killing_its_replica_stops_the_run_and_a_rerun_resumes(small_run, tmp_path):
+    cfg, out = small_run
+    failed = cli_run(cfg, f"kill-embed-always:{tmp_path / 'unused'}")
+    assert failed.returncode == 1  # Ray logs the worker's death; strata's own verdict is the last line
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the run stopped after 0 fragments") and "rerun the same command" in last
+    resumed = cli_run(cfg, "")
+    assert resumed.returncode == 0, resumed.stderr
+    ids = ids_in(out)
+    assert len(ids) == 20 and len(set(ids)) == 20
