@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import uuid
 from dataclasses import asdict, dataclass
 
 from pipeline.config import identity_changes
@@ -19,6 +20,7 @@ from pipeline.storage import TEMP_PREFIX, Location
 RUN_FILE = "_manifest/run.json"
 FRAGMENTS_DIR = "_manifest/fragments"
 FAILURES_DIR = "_manifest/failures"
+ATTEMPTS_DIR = "_manifest/attempts"  # one empty object per start of a fragment's embedding, this run
 
 
 @dataclass
@@ -91,6 +93,22 @@ class Manifest:
         """A new run retries everything that failed before; its own failures are recorded anew."""
         for name in self.location.list_names(FAILURES_DIR):
             self.location.remove(FAILURES_DIR, name)
+        self.clear_attempts()
+
+    def note_attempt(self, fragment: str) -> None:
+        """Written as a fragment's embedding starts; a worker that dies leaves it behind."""
+        self.location.write_bytes(b"", ATTEMPTS_DIR, f"{fragment}.{uuid.uuid4().hex[:12]}")
+
+    def attempts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name in self.location.list_names(ATTEMPTS_DIR):
+            fragment = name.rsplit(".", 1)[0]
+            counts[fragment] = counts.get(fragment, 0) + 1
+        return counts
+
+    def clear_attempts(self) -> None:
+        for name in self.location.list_names(ATTEMPTS_DIR):
+            self.location.remove(ATTEMPTS_DIR, name)
 
     def remove_uncommitted(self, committed: set[str]) -> list[str]:
         """Delete data and quarantine files that no commit record accounts for (a run stopped

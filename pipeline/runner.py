@@ -176,21 +176,47 @@ def _execute(plan: Plan, pending: list[Fragment], console: Console) -> tuple[lis
                   stride=long_text.window_stride)
     done_rows = plan.total_rows - sum(f.rows for f in pending)
     records, failures = [], []
+    manifest = Manifest(Location.from_uri(plan.config.output.uri))
+    remaining = pending
     with RunProgress(console, plan.total_rows, done_rows) as progress:
-        try:
-            for record in ray_pipeline.run_fragments(pending, job, resources):
-                if isinstance(record, FailureRecord):
-                    failures.append(record)
-                    console.print(f"strata: fragment {record.fragment} failed: {record.reason}", markup=False,
-                                  highlight=False)
-                else:
-                    records.append(record)
-                    progress.update(record)
-        except ray_pipeline.RayError as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RunFailed(f"the run stopped after {len(records)} fragments: {first_line}; committed fragments "
-                            "are kept, rerun the same command to resume") from None
+        while remaining:
+            try:
+                for record in ray_pipeline.run_fragments(remaining, job, resources):
+                    if isinstance(record, FailureRecord):
+                        failures.append(record)
+                        console.print(f"strata: fragment {record.fragment} failed: {record.reason}", markup=False,
+                                      highlight=False)
+                    else:
+                        records.append(record)
+                        progress.update(record)
+                remaining = []
+            except ray_pipeline.RayError as exc:
+                remaining = _after_worker_deaths(manifest, remaining, records, failures, exc, console)
+    manifest.clear_attempts()
     return records, failures
+
+
+def _after_worker_deaths(manifest: Manifest, remaining: list[Fragment], records: list[CommitRecord],
+                         failures: list[FailureRecord], exc: Exception, console: Console) -> list[Fragment]:
+    """Ray gave up on a worker that kept dying. A fragment that started embedding more often than
+    Ray retries is what kills it: record it as failed, then go on with the rest."""
+    from pipeline.ray_pipeline import ACTOR_RETRIES
+
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    done = manifest.committed() | {f.fragment for f in failures}
+    attempts = manifest.attempts()
+    poisoned = [f for f in remaining if f.id not in done and attempts.get(f.id, 0) > ACTOR_RETRIES]
+    if not poisoned:
+        raise RunFailed(f"the run stopped after {len(records)} fragments: {cause}; committed fragments are kept, "
+                        "rerun the same command to resume")
+    for fragment in poisoned:
+        failure = FailureRecord(fragment.id, fragment.shard.source, f"its worker process died "
+                                f"{attempts[fragment.id]} times while embedding it (killed for memory, or a crash "
+                                f"in native code): {cause}", fragment.rows)
+        manifest.fail(failure)
+        failures.append(failure)
+        console.print(f"strata: fragment {fragment.id} failed: {failure.reason}", markup=False, highlight=False)
+    return [f for f in remaining if f.id not in done and f not in poisoned]
 
 
 def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitRecord], failed: list[FailureRecord],
@@ -224,10 +250,14 @@ def _check_failures(failed: list[FailureRecord], output_uri: str) -> None:
         fragments = sum(1 for f in failed if f.rows is not None)
         shards = len(failed) - fragments
         raise RunFailed(
-            f"{fragments} fragments and {shards} shards could not be embedded ({failed[0].source}: "
+            f"{_count_of(fragments, 'fragment')} and {_count_of(shards, 'shard')} could not be embedded ({failed[0].source}: "
             f"{failed[0].reason}); all reasons: strata status {output_uri}; committed work is kept and "
             "rerunning retries the failed parts"
         )
+
+
+def _count_of(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _check_error_budget(summary: dict, max_error_rate: float) -> None:

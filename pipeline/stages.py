@@ -123,17 +123,21 @@ class Tokenize:
 class Embed:
     """Adds the output vectors; the payload's docs become the output rows."""
 
-    def __init__(self, settings: EmbedSettings, keep_fields: list[str]):
+    def __init__(self, settings: EmbedSettings, keep_fields: list[str], output_uri: str | None = None):
         self.embedder = Embedder(settings)
         self.keep_fields = keep_fields
+        self.manifest = Manifest(Location.from_uri(output_uri)) if output_uri else None
 
     @_guarded
     def __call__(self, payload: dict) -> dict:
+        fragment = Fragment.from_json(payload["fragment"])
+        if self.manifest:  # counts the worker deaths a fragment causes (see runner._execute)
+            self.manifest.note_attempt(fragment.id)
         docs = table_from_bytes(payload["docs"])
         windows = TokenWindows.from_table(table_from_bytes(payload["windows"]), docs["n_tokens"].to_numpy(),
                                           docs["truncated"].to_numpy(zero_copy_only=False))
         result = self.embedder.embed(windows)
-        faults.maybe_kill("embed")
+        faults.maybe_kill("embed", fragment.start)
         rows = output_table(row_table(docs, windows, self.embedder.settings.window_rows, self.keep_fields), result)
         quarantine = payload["quarantine"]
         if result.failed_docs:  # drop every row (document or window) of a document that failed

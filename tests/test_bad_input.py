@@ -36,7 +36,7 @@ def bad_config(corpus: Path, out: Path) -> dict:
 
 def test_every_bad_input_is_quarantined_or_recorded_and_counts_reconcile(ray_cluster, bad_corpus, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RunFailed, match=r"1 fragments and 3 shards could not be embedded"):
+    with pytest.raises(RunFailed, match=r"1 fragment and 3 shards could not be embedded"):
         run(parse_config(bad_config(bad_corpus, out)))
 
     data = ds.dataset(out / "data", partitioning="hive").to_table()
