@@ -15,7 +15,7 @@ from pipeline.config import InputConfig, OutputSpec
 from pipeline.embedder import Embedder, EmbedSettings
 from pipeline.extract import resolve_output
 from pipeline.fragments import plan_fragments, table_from_bytes
-from pipeline.sources import count_rows, list_shards
+from pipeline.sources import list_shards
 from pipeline.stages import Embed, Tokenize, read_shard
 from pipeline.tokenize import TextTokenizer
 
@@ -58,7 +58,7 @@ def test_a_document_too_big_even_alone_is_quarantined(model_info, tmp_path):
     source.write_text("\n".join(lines) + "\n")
     cfg = InputConfig(uri=str(source))
     shard = list_shards(cfg)[0]
-    fragment = plan_fragments([(shard, count_rows(shard_fs(), shard))], 100)[0]
+    fragment = plan_fragments([(shard, len(lines))], 100)[0]
     payload = next(read_shard(shard, [fragment], cfg))
     payload = Tokenize(model_info.path, 256, None, False)(payload)
     embed = Embed(settings(model_info), [])
@@ -74,12 +74,6 @@ def test_a_document_too_big_even_alone_is_quarantined(model_info, tmp_path):
     rows = table_from_bytes(out["docs"])
     assert out["embedded"] == rows.num_rows == 30 - len(quarantine) > 0
     assert not set(rows["id"].to_pylist()) & set(long_ids)
-
-
-def shard_fs():
-    import fsspec
-
-    return fsspec.filesystem("file")
 
 
 def cli_run(cfg: Path, fault: str) -> subprocess.CompletedProcess:
@@ -129,3 +123,27 @@ def test_a_fragment_that_keeps_killing_its_replica_is_recorded_and_the_rest_fini
     assert resumed.returncode == 0, resumed.stderr
     ids = ids_in(out)
     assert len(ids) == 20 and len(set(ids)) == 20
+
+
+def test_documents_the_tokenizer_rejects_are_quarantined_and_the_rest_tokenized(model_info, tmp_path):
+    source = tmp_path / "s.jsonl"
+    source.write_text("\n".join(json.dumps({"id": str(i), "text": t}) for i, t in
+                                enumerate(["fine text", "POISON for the tokenizer", "also fine"])) + "\n")
+    cfg = InputConfig(uri=str(source))
+    shard = list_shards(cfg)[0]
+    payload = next(read_shard(shard, plan_fragments([(shard, 3)], 10), cfg))
+    tokenize = Tokenize(model_info.path, 64, None, False)
+    encode = tokenize.tokenizer.encode
+
+    def picky(texts):
+        if any("POISON" in t for t in texts):
+            raise ValueError("cannot tokenize this")
+        return encode(texts)
+
+    tokenize.tokenizer.encode = picky
+    out = tokenize(payload)
+    assert not out["error"]
+    assert table_from_bytes(out["docs"])["id"].to_pylist() == ["0", "2"]
+    [rejected] = table_from_bytes(out["quarantine"]).to_pylist()
+    assert rejected["id"] == "1" and rejected["reason"] == "the tokenizer failed: ValueError: cannot tokenize this"
+    assert rejected["text"] == "POISON for the tokenizer"
