@@ -25,6 +25,8 @@ import pyarrow.compute as pc
 
 from pipeline.errors import ConfigError
 
+CHARS_PER_TOKEN = 32  # a generous bound: real text averages about 4 characters per token
+
 
 @dataclass
 class TokenWindows:
@@ -105,7 +107,7 @@ class TextTokenizer:
         self.max_length, self.stride, self.details = max_length, stride, details
 
     def encode(self, texts: list[str]) -> TokenWindows:
-        encodings = self.backend.encode_batch(texts)
+        encodings = self._encode_truncated(texts) if self.stride is None else self.backend.encode_batch(texts)
         if self.stride is None:
             windows = [[e] for e in encodings]
             truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
@@ -131,6 +133,23 @@ class TextTokenizer:
                 (x for w in flat for pair in w.offsets for x in pair), np.int32, count=2 * total).reshape(-1, 2)
         return result
 
+    def _encode_truncated(self, texts: list[str]) -> list:
+        """Encodings of texts cut at max_length, without tokenizing megabytes to keep 256 tokens.
+
+        A long text is first cut after the last whitespace within CHARS_PER_TOKEN * max_length
+        characters. Pre-tokenizers split words at whitespace, so the words before the cut give the
+        same tokens as in the whole text; if the prefix still overflows max_length, its first window
+        is the whole text's. A prefix that does not overflow, or a text with no whitespace to cut
+        at, is tokenized whole.
+        """
+        limit = CHARS_PER_TOKEN * self.max_length
+        cut = [_prefix_at_whitespace(text, limit) for text in texts]
+        encodings = self.backend.encode_batch(cut)
+        for i, (prefix, text, encoding) in enumerate(zip(cut, texts, encodings)):
+            if len(prefix) < len(text) and not encoding.overflowing:
+                encodings[i] = self.backend.encode(text)
+        return encodings
+
     def _owned(self, lengths: np.ndarray, doc: np.ndarray) -> np.ndarray:
         # (W, 2): everything for a lone window; inner overlaps split where context is larger
         lo, hi = np.zeros_like(lengths), lengths.copy()
@@ -144,6 +163,13 @@ class TextTokenizer:
     def _span(self, window) -> tuple[int, int]:
         content = [pair for pair, special in zip(window.offsets, window.special_tokens_mask) if not special]
         return (content[0][0], content[-1][1]) if content else (0, 0)
+
+
+def _prefix_at_whitespace(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(space, 0, limit) for space in " \n\t")
+    return text[:cut] if cut > 0 else text
 
 
 def special_counts(backend) -> tuple[int, int]:

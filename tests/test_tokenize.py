@@ -1,0 +1,33 @@
+"""Tokenizing long texts: the whitespace-cut shortcut gives exactly the whole text's first window."""
+
+import json
+
+import pytest
+
+from pipeline.tokenize import CHARS_PER_TOKEN, TextTokenizer
+
+from conftest import CORPUS
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_info):
+    return TextTokenizer(model_info.path, 64, details=True)
+
+
+def test_cutting_long_texts_changes_no_token(tokenizer):
+    docs = [json.loads(line)["text"] for line in (CORPUS / "part-0.jsonl").read_text().splitlines()[:30]]
+    limit = CHARS_PER_TOKEN * tokenizer.max_length
+    texts = [
+        *(doc * (limit // len(doc) + 2) for doc in docs),  # real prose and code, past the cut
+        "x" * (limit * 2),  # no whitespace to cut at: tokenized whole (one [UNK] for BERT)
+        "start" + " " * (limit + 10) + "word " * 500,  # the prefix fits in one window: tokenized whole
+        "Zürich naïve café " * 2000, "日本語のテキストです。" * 2000, "tab\tseparated\nlines " * 2000,
+    ]
+    assert all(len(t) > limit for t in texts)
+    cut = tokenizer._encode_truncated(texts)
+    whole = tokenizer.backend.encode_batch(texts)
+    for c, w in zip(cut, whole):
+        assert (c.ids, c.offsets, c.word_ids, c.special_tokens_mask) == (w.ids, w.offsets, w.word_ids,
+                                                                         w.special_tokens_mask)
+        assert bool(c.overflowing) == bool(w.overflowing)  # the truncated flag
+    assert sum(bool(w.overflowing) for w in whole) == len(texts) - 1
