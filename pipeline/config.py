@@ -156,6 +156,22 @@ class ComputeConfig(_Strict):
         return value
 
 
+class StorageConfig(_Strict):
+    """How to reach object storage (every URI of the config: input, output, model folder).
+
+    Credentials come from the standard AWS chain (environment, profiles, instance roles), never
+    from here, so they cannot leak into the manifest or logs.
+    """
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2, ...); else AWS_ENDPOINT_URL or AWS")
+    region: str | None = Field(None, description="Region; else the AWS chain's")
+    profile: str | None = Field(None, description="AWS profile to use")
+    anonymous: bool = Field(False, description="Unsigned requests, for public buckets")
+    retries: int = Field(5, ge=0, le=20, description="Attempts for throttling, 5xx and dropped connections")
+    connect_timeout: float = Field(5, gt=0, description="Seconds to wait for a connection")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec storage_options, merged in")
+
+
 class RunConfig(_Strict):
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Share of docs that may be quarantined")
 
@@ -169,6 +185,7 @@ class StrataConfig(_Strict):
     output: OutputConfig
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "StrataConfig":
@@ -281,5 +298,12 @@ def apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section")
 
 
+def redacted(config: StrataConfig) -> dict:
+    """The config as plain data with `storage.options` values masked: what strata prints or stores."""
+    data = config.model_dump(mode="json")
+    data["storage"]["options"] = {key: "***" for key in data["storage"]["options"]}
+    return data
+
+
 def to_yaml(config: StrataConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(redacted(config), sort_keys=False)

@@ -22,3 +22,9 @@ class ModelError(StrataError):
 
 class OutputError(StrataError):
     """The output location cannot be written, or holds a different run."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for an error message: its type and the first line of its text."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

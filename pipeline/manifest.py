@@ -14,7 +14,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from pipeline.config import identity_changes
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, one_line
 from pipeline.storage import TEMP_PREFIX, Location
 
 RUN_FILE = "_manifest/run.json"
@@ -139,5 +139,6 @@ def check_writable(location: Location) -> None:
         probe = location.path("_manifest", ".write-probe")
         location.fs.pipe_file(probe, b"ok")
         location.fs.rm(probe)
-    except (OSError, PermissionError) as exc:
-        raise OutputError(f"output.uri {location.uri()} is not writable: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a local permission error, an unreachable or denied bucket, ...
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
+        raise OutputError(f"output.uri {location.uri()} is not writable: {reason}") from None

@@ -91,7 +91,7 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
                         num_cpus=IO_TASK_CPUS)
     tokenize = functools.partial(Tokenize, job.embed.model.path, job.embed.model.max_length, job.stride,
                                  job.embed.token_details)
-    embed = functools.partial(Embed, job.embed, job.input.keep_fields, job.output_uri)
+    embed = functools.partial(Embed, job.embed, job.input.keep_fields, job.output_uri, job.storage)
     ds = ds.map_batches(_actor_step(tokenize), batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.tokenizers),
                         num_cpus=TOKENIZER_CPUS, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
@@ -115,7 +115,7 @@ def _table(payload: dict) -> pa.Table:
 
 def _read_step(batch: pa.Table, job: JobSpec) -> Iterator[pa.Table]:
     fragments = [Fragment.from_json(text) for text in json.loads(_one(batch)["fragments"])]
-    for payload in read_shard(fragments[0].shard, fragments, job.input):
+    for payload in read_shard(fragments[0].shard, fragments, job.input, job.storage):
         yield _table(payload)
 
 

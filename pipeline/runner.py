@@ -12,10 +12,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-import fsspec
 from rich.console import Console
 
-from pipeline.config import StrataConfig, fingerprint_of
+from pipeline.config import StrataConfig, fingerprint_of, redacted
 from pipeline.embedder import EmbedSettings
 from pipeline.errors import InputError, StrataError
 from pipeline.extract import ResolvedOutput, resolve_output
@@ -26,7 +25,7 @@ from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, summary_table
 from pipeline.sources import count_rows, list_shards
 from pipeline.stages import JobSpec
-from pipeline.storage import Location
+from pipeline.storage import Location, open_fs
 from pipeline.tokenize import TextTokenizer
 
 COUNT_THREADS = 8
@@ -71,8 +70,8 @@ def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]
 def make_plan(config: StrataConfig, resolved: tuple[ModelInfo, tuple[ResolvedOutput, ...]] | None = None) -> Plan:
     model, outputs = resolved or resolve(config)
     skipped: list[str] = []
-    shards = list_shards(config.input, skipped=skipped)
-    fs, _ = fsspec.core.url_to_fs(config.input.uri)
+    shards = list_shards(config.input, config.storage, skipped=skipped)
+    fs, _ = open_fs(config.input.uri, config.storage)
     with ThreadPoolExecutor(COUNT_THREADS) as pool:
         counts = list(pool.map(lambda shard: _count(fs, shard), shards))
     good = [(shard, count) for shard, count in zip(shards, counts) if isinstance(count, int)]
@@ -102,7 +101,7 @@ def run_record(plan: Plan) -> dict:
         "strata_version": __version__,
         "fingerprint": plan.fingerprint,
         "identity": plan.identity,
-        "config": plan.config.model_dump(mode="json"),
+        "config": redacted(plan.config),
         "model": asdict(plan.model),
         "outputs": {o.name: {"layers": list(o.layers), "shape": list(o.vector_shape(hidden)),
                              "per": _unit(o, plan.config)} for o in plan.outputs},
@@ -123,7 +122,7 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     started = time.monotonic()
     resolved = resolve(config)
-    location = Location.from_uri(config.output.uri)
+    location = Location.from_uri(config.output.uri, config.storage)
     check_writable(location)  # before listing and counting a corpus that may be large
     plan = make_plan(config, resolved)
     manifest = Manifest(location)
@@ -173,10 +172,10 @@ def _execute(plan: Plan, pending: list[Fragment], console: Console) -> tuple[lis
     metadata = file_metadata(plan.model.name, plan.model.weights_sha256,
                              {o.name: list(o.layers) for o in plan.outputs}, plan.fingerprint)
     job = JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
-                  stride=long_text.window_stride)
+                  stride=long_text.window_stride, storage=plan.config.storage)
     done_rows = plan.total_rows - sum(f.rows for f in pending)
     records, failures = [], []
-    manifest = Manifest(Location.from_uri(plan.config.output.uri))
+    manifest = Manifest(Location.from_uri(plan.config.output.uri, plan.config.storage))
     remaining = pending
     with RunProgress(console, plan.total_rows, done_rows) as progress:
         while remaining:

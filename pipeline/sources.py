@@ -18,8 +18,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import InputConfig
-from pipeline.errors import InputError
+from pipeline.config import InputConfig, StorageConfig
+from pipeline.errors import InputError, one_line
+from pipeline.storage import open_fs
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
@@ -60,22 +61,16 @@ def detect_format(name: str, declared: str) -> tuple[str | None, str | None]:
     return fmt, compression
 
 
-def list_shards(cfg: InputConfig, filesystem: fsspec.AbstractFileSystem | None = None,
+def list_shards(cfg: InputConfig, storage: StorageConfig | None = None,
                 skipped: list[str] | None = None) -> list[Shard]:
     """Every corpus file under input.uri (a file, a folder/prefix, or a glob), sorted by source.
     Files that are not corpus files are left out; their names go to `skipped` when given."""
-    fs, path = fsspec.core.url_to_fs(cfg.uri) if filesystem is None else (filesystem, cfg.uri)
-    path = path.rstrip("/") or "/"
-    if fsspec.core.has_magic(path):
-        base = _glob_base(path)
-        infos = [fs.info(p) for p in fs.glob(path)]
-    elif fs.isdir(path):
-        base = path
-        infos = list(fs.find(path, detail=True).values())
-    elif fs.exists(path):
-        base = posixpath.dirname(path)
-        infos = [fs.info(path)]
-    else:
+    try:
+        fs, path = open_fs(cfg.uri, storage)
+        infos, base = _list(fs, path.rstrip("/") or "/")
+    except Exception as exc:  # noqa: BLE001 - unreachable endpoint, no credentials, access denied, ...
+        raise InputError(f"cannot list input.uri {cfg.uri!r}: {one_line(exc)}") from None
+    if infos is None:
         raise InputError(f"input.uri {cfg.uri!r} does not exist (no such file, folder or prefix)")
     shards = []
     for info in infos:
@@ -97,6 +92,18 @@ def list_shards(cfg: InputConfig, filesystem: fsspec.AbstractFileSystem | None =
             "check the path or set input.format"
         )
     return sorted(shards, key=lambda s: s.source)
+
+
+def _list(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[dict] | None, str]:
+    """(file infos, the folder sources are relative to) of a glob, a folder/prefix or a file;
+    None when nothing is there."""
+    if fsspec.core.has_magic(path):
+        return [fs.info(p) for p in fs.glob(path)], _glob_base(path)
+    if fs.isdir(path):
+        return list(fs.find(path, detail=True).values()), path
+    if fs.exists(path):
+        return [fs.info(path)], posixpath.dirname(path)
+    return None, path
 
 
 def _glob_base(pattern: str) -> str:

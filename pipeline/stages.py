@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import faults
-from pipeline.config import InputConfig
+from pipeline.config import InputConfig, StorageConfig
 from pipeline.embedder import Embedder, EmbedSettings
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
 from pipeline.errors import StrataError
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
 from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_ranges
-from pipeline.storage import Location
+from pipeline.storage import Location, open_fs
 from pipeline.tokenize import TextTokenizer, TokenWindows
 
 
@@ -41,12 +40,14 @@ class JobSpec:
     partition_by: str
     file_metadata: dict[str, str]
     stride: int | None = None  # sliding-window overlap; None = truncate
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
-def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig) -> Iterator[dict]:
+def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig,
+               storage: StorageConfig | None = None) -> Iterator[dict]:
     """One payload per fragment of this shard, reading the shard once. If the shard breaks off
     (a truncated gzip, a vanished file), the fragments not yet read carry the error instead."""
-    fs, _ = fsspec.core.url_to_fs(cfg.uri)
+    fs, _ = open_fs(cfg.uri, storage)
     fragments = sorted(fragments, key=lambda f: f.start)
     started, done = time.time(), 0
     try:
@@ -123,10 +124,11 @@ class Tokenize:
 class Embed:
     """Adds the output vectors; the payload's docs become the output rows."""
 
-    def __init__(self, settings: EmbedSettings, keep_fields: list[str], output_uri: str | None = None):
+    def __init__(self, settings: EmbedSettings, keep_fields: list[str], output_uri: str | None = None,
+                 storage: StorageConfig | None = None):
         self.embedder = Embedder(settings)
         self.keep_fields = keep_fields
-        self.manifest = Manifest(Location.from_uri(output_uri)) if output_uri else None
+        self.manifest = Manifest(Location.from_uri(output_uri, storage)) if output_uri else None
 
     @_guarded
     def __call__(self, payload: dict) -> dict:
@@ -162,7 +164,7 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
     """Write the data files, then the quarantine file, then the commit record (last); or, for a
     fragment that failed on the way, its failure record."""
     fragment = Fragment.from_json(payload["fragment"])
-    location = Location.from_uri(job.output_uri)
+    location = Location.from_uri(job.output_uri, job.storage)
     if payload["error"]:
         failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"], fragment.rows)
         Manifest(location).fail(failure)

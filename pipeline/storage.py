@@ -13,7 +13,36 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.config import StorageConfig
+
 TEMP_PREFIX = "."  # a write in progress; hidden from dataset readers, removed on resume
+
+
+S3_PROTOCOLS = ("s3", "s3a")
+
+
+def storage_options(uri: str, storage: StorageConfig | None) -> dict:
+    """fsspec options for a URI: endpoint, region, profile, retries and timeouts for S3."""
+    storage = storage or StorageConfig()
+    protocol = fsspec.core.split_protocol(uri)[0]
+    if protocol not in S3_PROTOCOLS:
+        return dict(storage.options)
+    client = {key: value for key, value in (("endpoint_url", storage.endpoint_url),
+                                            ("region_name", storage.region)) if value}
+    options = {
+        "anon": storage.anonymous,
+        "client_kwargs": client,
+        "config_kwargs": {"retries": {"max_attempts": storage.retries + 1, "mode": "adaptive"},
+                          "connect_timeout": storage.connect_timeout},
+    }
+    if storage.profile:
+        options["profile"] = storage.profile
+    return {**options, **storage.options}
+
+
+def open_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for any URI: a local path, s3://, or another fsspec protocol."""
+    return fsspec.core.url_to_fs(uri, **storage_options(uri, storage))
 
 
 @dataclass(frozen=True)
@@ -22,8 +51,8 @@ class Location:
     root: str  # path inside fs, no protocol, no trailing slash
 
     @classmethod
-    def from_uri(cls, uri: str) -> "Location":
-        fs, path = fsspec.core.url_to_fs(uri)
+    def from_uri(cls, uri: str, storage: StorageConfig | None = None) -> "Location":
+        fs, path = open_fs(uri, storage)
         return cls(fs, path.rstrip("/") or "/")
 
     @property

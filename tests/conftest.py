@@ -11,6 +11,10 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The S3 tests talk to moto on 127.0.0.1 only; set before Ray starts so its workers inherit them
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing-secret"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "corpus"
