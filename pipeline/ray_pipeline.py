@@ -25,6 +25,7 @@ from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up
 
 from pipeline.fragments import Fragment
 from pipeline.manifest import CommitRecord, FailureRecord
+from pipeline.model import local_model_path
 from pipeline.stages import Embed, JobSpec, Tokenize, read_shard, write_fragment
 
 # Logical CPUs reserved per step. Kept below one so that on a 2-core machine the replica, a
@@ -89,13 +90,12 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
                         num_cpus=IO_TASK_CPUS)
-    tokenize = functools.partial(Tokenize, job.embed.model.path, job.embed.model.max_length, job.stride,
-                                 job.embed.token_details)
+    tokenize = functools.partial(_tokenizer_on_this_node, job)
     embed = functools.partial(Embed, job.embed, job.input.keep_fields, job.output_uri, job.storage)
-    ds = ds.map_batches(_actor_step(tokenize), batch_size=1, batch_format="pyarrow",
+    ds = ds.map_batches(_actor_step(tokenize, "Tokenize"), batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.tokenizers),
                         num_cpus=TOKENIZER_CPUS, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
-    ds = ds.map_batches(_actor_step(embed), batch_size=1, batch_format="pyarrow",
+    ds = ds.map_batches(_actor_step(embed, "Embed"), batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=resources.replicas), num_gpus=resources.gpus_per_replica,
                         num_cpus=resources.cpus_per_replica, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_write_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
@@ -119,7 +119,7 @@ def _read_step(batch: pa.Table, job: JobSpec) -> Iterator[pa.Table]:
         yield _table(payload)
 
 
-def _actor_step(make_step):
+def _actor_step(make_step, name: str):
     """An actor class that builds its step once (tokenizer, model replica) and applies it per fragment.
 
     (Ray Data logs "constructor arguments in the object store" for every actor pool; that is
@@ -133,8 +133,13 @@ def _actor_step(make_step):
         def __call__(self, batch: pa.Table) -> pa.Table:
             return _table(self.step(_one(batch)))
 
-    Step.__name__ = Step.__qualname__ = make_step.func.__name__
+    Step.__name__ = Step.__qualname__ = name
     return Step
+
+
+def _tokenizer_on_this_node(job: JobSpec) -> Tokenize:
+    path = local_model_path(job.embed.model, job.storage)
+    return Tokenize(path, job.embed.model.max_length, job.stride, job.embed.token_details)
 
 
 def _write_step(batch: pa.Table, job: JobSpec) -> pa.Table:

@@ -60,7 +60,7 @@ class Plan:
 
 def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]]:
     """Check the config against the model: layer indices, options the engine supports."""
-    model = resolve_model(config.model)
+    model = resolve_model(config.model, config.storage)
     outputs = tuple(resolve_output(spec, model.num_layers) for spec in config.outputs)
     if config.long_text.window_stride is not None:
         TextTokenizer(model.path, model.max_length, config.long_text.window_stride)  # checks the stride fits a window

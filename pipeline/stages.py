@@ -9,6 +9,7 @@ wires these steps into a Ray Data dataset, and tests call them directly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pipeline.embedder import Embedder, EmbedSettings
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
 from pipeline.errors import StrataError
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest
+from pipeline.model import local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
 from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_ranges
 from pipeline.storage import Location, open_fs
@@ -126,7 +128,8 @@ class Embed:
 
     def __init__(self, settings: EmbedSettings, keep_fields: list[str], output_uri: str | None = None,
                  storage: StorageConfig | None = None):
-        self.embedder = Embedder(settings)
+        local = dataclasses.replace(settings.model, path=local_model_path(settings.model, storage))
+        self.embedder = Embedder(dataclasses.replace(settings, model=local))
         self.keep_fields = keep_fields
         self.manifest = Manifest(Location.from_uri(output_uri, storage)) if output_uri else None
 

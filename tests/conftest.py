@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing-secret"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ["STRATA_CACHE"] = tempfile.mkdtemp(prefix="strata-cache-")  # models fetched from S3 land here
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "corpus"

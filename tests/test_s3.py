@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import pyarrow.dataset as ds
@@ -94,3 +95,21 @@ def test_bad_object_storage_fails_fast_with_one_line(s3, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert time.monotonic() - started < 60
     print(case, "->", lines[0], f"({time.monotonic() - started:.1f} s)")
+
+
+def test_model_folder_from_s3_is_cached_verified_and_gives_the_same_vectors(ray_cluster, s3, model_info, tmp_path):
+    endpoint, fs = s3
+    fs.put(model_info.path.rstrip("/") + "/", "corpus/models/minilm/", recursive=True)
+    remote = cfg(endpoint, str(CORPUS / "part-0.jsonl"), str(tmp_path / "remote"),
+                 model={"name_or_path": "s3://corpus/models/minilm/", "max_length": 32})
+    local = cfg(endpoint, str(CORPUS / "part-0.jsonl"), str(tmp_path / "local"))
+    run(remote)
+    run(local)
+    record = json.loads((tmp_path / "remote" / "_manifest" / "run.json").read_text())
+    assert record["model"]["weights_sha256"] == model_info.weights_sha256
+    assert record["model"]["path"].startswith(os.environ["STRATA_CACHE"])
+    a = ds.dataset(tmp_path / "remote" / "data", partitioning="hive").to_table().sort_by("id")
+    b = ds.dataset(tmp_path / "local" / "data", partitioning="hive").to_table().sort_by("id")
+    assert a["v"].to_pylist() == b["v"].to_pylist()
+    cached = list((Path(os.environ["STRATA_CACHE"]) / "models").iterdir())
+    assert len([c for c in cached if ".tmp-" not in c.name]) == 1  # fetched once, driver and workers alike
