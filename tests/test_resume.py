@@ -25,13 +25,13 @@ def corpus(folder: Path) -> Path:
     return folder
 
 
-def config(tmp_path: Path, name: str, source: Path) -> Path:
+def config(tmp_path: Path, name: str, source: Path, output: str | None = None, **sections) -> Path:
     return write_config(
         tmp_path / f"{name}.yaml",
         input={"uri": str(source)}, model={"max_length": 128, "dtype": "float32"},
         outputs=[{"name": "v", "layers": [0, 3, -1], "pooling": "mean", "combine": "stack"}],
         batching={"fragment_docs": 6, "token_budget": 2048},
-        output={"uri": str(tmp_path / name), "precision": "float32"},
+        output={"uri": output or str(tmp_path / name), "precision": "float32"}, **sections,
     )
 
 
@@ -45,12 +45,27 @@ def commits(out: Path) -> int:
     return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
 
 
-def vectors_by_id(out: Path) -> dict:
-    table = ds.dataset(out / "data", partitioning="hive").to_table(columns=["id", "v"])
+def vectors_by_id(out, filesystem=None) -> dict:
+    table = ds.dataset(str(out) + "/data", filesystem=filesystem, partitioning="hive").to_table(columns=["id", "v"])
     ids = table["id"].to_pylist()
     assert len(ids) == len(set(ids)), "a document appears twice"
     values = np.array(table["v"].to_pylist(), dtype=np.float32)
     return dict(zip(ids, values))
+
+
+def kill_repeatedly(cfg: Path, commits_now, times: int, rng: random.Random) -> None:
+    """Start `strata run` and SIGKILL its process group after a few more commits, `times` times."""
+    kills = 0
+    while kills < times:
+        proc, target = start(cfg), commits_now() + rng.randint(1, 4)
+        deadline = time.monotonic() + 300
+        while commits_now() < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(rng.uniform(0, 0.6))  # land anywhere: mid-embed, mid-write, between commits
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
 
 
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
@@ -60,22 +75,9 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
 
     cfg = config(tmp_path, "killed", source)
     out = tmp_path / "killed"
-    rng = random.Random(7)
-    kills = 0
-    while kills < 3:
-        proc, target = start(cfg), commits(out) + rng.randint(1, 4)
-        deadline = time.monotonic() + 300
-        while commits(out) < target and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if proc.poll() is not None:
-            break  # finished before this kill: nothing left to interrupt
-        time.sleep(rng.uniform(0, 0.6))  # land anywhere: mid-embed, mid-write, between commits
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        for record in (out / "_manifest" / "fragments").glob("*.json"):  # a record implies its files
-            assert all((out / f).is_file() for f in json.loads(record.read_text())["files"])
-    assert kills == 3
+    kill_repeatedly(cfg, lambda: commits(out), 3, random.Random(7))
+    for record in (out / "_manifest" / "fragments").glob("*.json"):  # a record implies its files
+        assert all((out / f).is_file() for f in json.loads(record.read_text())["files"])
     final = start(cfg)
     assert final.wait(timeout=600) == 0, final.stderr.read()
 

@@ -2,12 +2,14 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import s3fs
@@ -113,3 +115,22 @@ def test_model_folder_from_s3_is_cached_verified_and_gives_the_same_vectors(ray_
     assert a["v"].to_pylist() == b["v"].to_pylist()
     cached = list((Path(os.environ["STRATA_CACHE"]) / "models").iterdir())
     assert len([c for c in cached if ".tmp-" not in c.name]) == 1  # fetched once, driver and workers alike
+
+
+def test_killed_runs_on_s3_resume_to_every_document_once(s3, tmp_path):
+    from test_resume import DOCS, config, corpus, kill_repeatedly, start, vectors_by_id
+
+    endpoint, fs = s3
+    source = corpus(tmp_path / "in")
+    straight = config(tmp_path, "straight", source)
+    assert start(straight).wait(timeout=600) == 0
+    killed = config(tmp_path, "killed", source, output="s3://corpus/killed", storage={"endpoint_url": endpoint})
+    commits = lambda: len(fs.ls("corpus/killed/_manifest/fragments", refresh=True)) if fs.exists(  # noqa: E731
+        "corpus/killed/_manifest/fragments") else 0
+    kill_repeatedly(killed, commits, 2, random.Random(11))
+    final = start(killed)
+    assert final.wait(timeout=600) == 0, final.stderr.read()
+    expected, got = vectors_by_id(tmp_path / "straight"), vectors_by_id("corpus/killed", fs)
+    assert len(got) == DOCS and got.keys() == expected.keys()
+    for doc_id, vector in expected.items():
+        np.testing.assert_array_equal(got[doc_id], vector)
