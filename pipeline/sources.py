@@ -151,6 +151,9 @@ def read_ranges(
             if row >= start:
                 builder.add(row, record)
             upcoming = next(records, None)
+        if builder.seen != end - start:  # never let rows vanish: counts must reconcile
+            raise InputError(f"shard {shard.source} ended after {start + builder.seen} rows, but {end} were "
+                             "planned: it changed or was cut short since the run was planned")
         yield builder.finish()
     records.close()
 
@@ -215,8 +218,10 @@ class _Builder:
         self.texts: list[str] = []
         self.kept: dict[str, list] = {name: [] for name in cfg.keep_fields}
         self.out = FragmentRows(docs=pa.table({}))
+        self.seen = 0  # rows of the range met so far
 
     def add(self, row: int, record: object) -> None:
+        self.seen += 1
         if isinstance(record, bytes):
             record = _parse_line(record, self.shard.format, self.cfg.text_field)
         if record is None:

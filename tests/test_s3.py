@@ -134,3 +134,19 @@ def test_killed_runs_on_s3_resume_to_every_document_once(s3, tmp_path):
     assert len(got) == DOCS and got.keys() == expected.keys()
     for doc_id, vector in expected.items():
         np.testing.assert_array_equal(got[doc_id], vector)
+
+
+def test_a_flaky_store_loses_and_duplicates_nothing(ray_cluster, s3, tmp_path):
+    from flaky_proxy import FlakyProxy
+
+    endpoint, fs = s3
+    proxy = FlakyProxy(endpoint, fail_every=5, reset_every=11)
+    try:
+        summary = run(cfg(proxy.url, "s3://corpus/in/", "s3://corpus/flaky", storage={
+            "endpoint_url": proxy.url, "retries": 8, "connect_timeout": 5}))
+    finally:
+        proxy.stop()
+    assert proxy.failed >= 5 and proxy.reset >= 2  # the faults really happened
+    assert summary["docs"] == 300 and summary["fragments"] == "4 / 4"
+    ids = ds.dataset("corpus/flaky/data", filesystem=fs, partitioning="hive").to_table(columns=["id"])["id"]
+    assert len(ids) == 300 and len(set(ids.to_pylist())) == 300

@@ -130,3 +130,14 @@ def test_text_format_is_one_document_per_line(tmp_path: Path):
     assert part.docs["text"].to_pylist() == ["first line", "second line"]
     assert part.docs["row"].to_pylist() == [0, 2]
     assert part.blank == 1
+
+
+def test_a_shard_shorter_than_planned_is_an_error_not_a_silent_drop(tmp_path):
+    import fsspec
+
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    cfg = InputConfig(uri=str(path))
+    shard = list_shards(cfg)[0]
+    with pytest.raises(InputError, match="ended after 2 rows, but 5 were planned"):
+        list(read_ranges(fsspec.filesystem("file"), shard, [(0, 5)], cfg))
