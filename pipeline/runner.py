@@ -148,7 +148,7 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
     this_run: list[CommitRecord] = []
     failed: list[FailureRecord] = list(plan.bad_shards)
     if pending:
-        this_run, failed_fragments = _execute(plan, pending, console)
+        this_run, failed_fragments = _execute(plan, pending, manifest, console)
         failed += failed_fragments
     elif not plan.bad_shards:
         console.print("strata: nothing to do, every fragment is committed")
@@ -160,7 +160,8 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
     return summary
 
 
-def _execute(plan: Plan, pending: list[Fragment], console: Console) -> tuple[list[CommitRecord], list[FailureRecord]]:
+def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
+             console: Console) -> tuple[list[CommitRecord], list[FailureRecord]]:
     from pipeline import ray_pipeline
 
     ray_pipeline.ensure_ray()
@@ -175,7 +176,6 @@ def _execute(plan: Plan, pending: list[Fragment], console: Console) -> tuple[lis
                   stride=long_text.window_stride, storage=plan.config.storage)
     done_rows = plan.total_rows - sum(f.rows for f in pending)
     records, failures = [], []
-    manifest = Manifest(Location.from_uri(plan.config.output.uri, plan.config.storage))
     remaining = pending
     with RunProgress(console, plan.total_rows, done_rows) as progress:
         while remaining:
