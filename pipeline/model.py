@@ -69,7 +69,11 @@ def fetch_model(uri: str, storage: StorageConfig | None = None, expected_sha256:
     folder = Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata")) / "models" / key
     if not (folder / ".complete").is_file():
         partial = folder.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
-        fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
+        try:
+            fs.get(path.rstrip("/") + "/", str(partial) + "/", recursive=True)
+        except Exception as exc:  # noqa: BLE001 - a dropped download must not leave half a model
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ModelError(f"cannot download model.name_or_path {uri!r}: {one_line(exc)}") from None
         (partial / ".complete").write_text(uri)
         try:
             partial.rename(folder)
