@@ -16,7 +16,7 @@ from rich.console import Console
 
 from pipeline.config import StrataConfig, fingerprint_of, redacted
 from pipeline.embedder import EmbedSettings
-from pipeline.errors import InputError, StrataError
+from pipeline.errors import InputError, StrataError, one_line
 from pipeline.extract import ResolvedOutput, resolve_output
 from pipeline.fragments import Fragment, plan_fragments
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest, check_writable
@@ -201,7 +201,7 @@ def _after_worker_deaths(manifest: Manifest, remaining: list[Fragment], records:
     Ray retries is what kills it: record it as failed, then go on with the rest."""
     from pipeline.ray_pipeline import ACTOR_RETRIES
 
-    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cause = one_line(exc)
     done = manifest.committed() | {f.fragment for f in failures}
     attempts = manifest.attempts()
     poisoned = [f for f in remaining if f.id not in done and attempts.get(f.id, 0) > ACTOR_RETRIES]

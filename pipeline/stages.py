@@ -23,7 +23,7 @@ from pipeline import faults
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.embedder import Embedder, EmbedSettings
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
-from pipeline.errors import StrataError
+from pipeline.errors import StrataError, one_line
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest
 from pipeline.model import local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
@@ -70,7 +70,7 @@ def _payload(fragment: Fragment, started: float, **fields) -> dict:
 
 
 def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, StrataError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, StrataError) else one_line(exc)
 
 
 def _guarded(step):
@@ -97,7 +97,7 @@ class Tokenize:
 
     @_guarded
     def __call__(self, payload: dict) -> dict:
-        docs = table_from_bytes(payload["docs"])
+        docs = read = table_from_bytes(payload["docs"])
         texts = docs["text"].to_pylist()
         try:
             windows = self.tokenizer.encode(texts)
@@ -106,7 +106,7 @@ class Tokenize:
             bad = self._rejected(texts)
             docs = docs.filter(pa.array([i not in bad for i in range(len(texts))]))
             windows = self.tokenizer.encode(docs["text"].to_pylist())
-        quarantine = _append_quarantine(payload["quarantine"], table_from_bytes(payload["docs"]), bad, texts)
+        quarantine = _append_quarantine(payload["quarantine"], read, bad, texts)
         docs = docs.drop_columns(["text"])
         docs = docs.append_column("n_tokens", pa.array(windows.n_tokens, pa.int32()))
         docs = docs.append_column("truncated", pa.array(windows.truncated, pa.bool_()))
