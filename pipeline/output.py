@@ -43,14 +43,18 @@ def row_table(docs: pa.Table, windows: TokenWindows, window_rows: bool, keep_fie
     if not window_rows:
         return docs.select(["id", "source", "row", "n_tokens", "truncated", *keep_fields])
     per_window = docs.take(pa.array(windows.doc))
-    span = pa.StructArray.from_arrays([pa.array(windows.span[:, 0]), pa.array(windows.span[:, 1])], ["start", "end"])
     columns = {
         "id": per_window["id"], "source": per_window["source"], "row": per_window["row"],
-        "window": pa.array(windows.window_index, pa.int32()), "window_span": span,
+        "window": pa.array(windows.window_index, pa.int32()), "window_span": _spans(windows.span),
         "n_tokens": pa.array(windows.lengths, pa.int32()),
         "truncated": pa.array(np.zeros(len(windows.lengths), bool)),
     }
     return pa.table({**columns, **{name: per_window[name] for name in keep_fields}})
+
+
+def _spans(pairs: np.ndarray) -> pa.StructArray:
+    """(N, 2) character [start, end) pairs as struct<start, end>."""
+    return pa.StructArray.from_arrays([pa.array(pairs[:, 0]), pa.array(pairs[:, 1])], ["start", "end"])
 
 
 def output_table(rows: pa.Table, result: EmbedResult) -> pa.Table:
@@ -62,9 +66,8 @@ def output_table(rows: pa.Table, result: EmbedResult) -> pa.Table:
             rows = rows.append_column(name, array)
             continue
         offsets = pa.array(np.concatenate([[0], np.cumsum(units.counts)]).astype(np.int32))
-        spans = pa.StructArray.from_arrays([pa.array(units.spans[:, 0]), pa.array(units.spans[:, 1])], ["start", "end"])
         rows = rows.append_column(name, pa.ListArray.from_arrays(offsets, array))
-        rows = rows.append_column(f"{name}_offsets", pa.ListArray.from_arrays(offsets, spans))
+        rows = rows.append_column(f"{name}_offsets", pa.ListArray.from_arrays(offsets, _spans(units.spans)))
     return rows
 
 
