@@ -14,28 +14,13 @@ import numpy as np
 import torch
 
 from pipeline.batching import pack_micro_batches, padded_tokens
-from pipeline.extract import Accumulator, ResolvedOutput, pool_windows, token_vectors
-from pipeline.model import Encoder, ModelInfo, pick_device, pick_dtype
+from pipeline.encoder import Encoder, pick_device, pick_dtype
+from pipeline.extract import Accumulator, pool_windows, token_vectors
+from pipeline.spec import EmbedSettings
 from pipeline.tokenize import TokenWindows
 from pipeline.units import RowPlan, TokenUnits, row_plan, token_units
 
 PRECISIONS = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
-
-
-@dataclass(frozen=True)
-class EmbedSettings:
-    model: ModelInfo
-    outputs: tuple[ResolvedOutput, ...]
-    dtype: str  # auto | bfloat16 | float16 | float32
-    token_budget: int
-    precision: str  # float16 | float32
-    cpu_threads: int | None = None  # torch threads on a CPU replica; None = torch's default
-    window_rows: bool = False  # one output row per window (long_text.aggregate: none)
-
-    @property
-    def token_details(self) -> bool:
-        """Token-level outputs need special-token masks, word ids and character offsets."""
-        return any(out.token_level for out in self.outputs)
 
 
 @dataclass

@@ -13,82 +13,10 @@ compute dtype, so bf16 models do not lose precision when summing hundreds of tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import LayerSpec, OutputSpec
-from pipeline.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class ResolvedOutput:
-    """An output with its layers as absolute hidden-state indices (0..num_layers)."""
-
-    name: str
-    layers: tuple[int, ...]
-    pooling: str
-    combine: str
-    weights: tuple[float, ...] | None
-    normalize: bool
-    words: str = "none"  # token-level only: none (sub-tokens) | first | mean (word vectors)
-
-    @property
-    def token_level(self) -> bool:
-        return self.pooling == "none"
-
-    @property
-    def depth(self) -> int:
-        """The deepest hidden state this output reads (early exit stops there)."""
-        return max(self.layers) if self.pooling != "first_last_avg" else max(max(self.layers), 1)
-
-    @property
-    def pooled_layers(self) -> int:
-        """L: layers left after pooling (first_last_avg folds two into one)."""
-        return 1 if self.pooling == "first_last_avg" else len(self.layers)
-
-    def vector_shape(self, hidden: int) -> tuple[int, ...]:
-        """Shape of one vector (per document, window, token or word)."""
-        if self.combine == "stack":
-            return (self.pooled_layers, hidden)
-        if self.combine == "concat":
-            return (self.pooled_layers * hidden,)
-        return (hidden,)
-
-
-def resolve_layers(spec: LayerSpec, num_layers: int) -> tuple[int, ...]:
-    """Absolute hidden-state indices of a layer spec; 0 = embeddings, num_layers = last layer."""
-    count = num_layers + 1
-    if spec == "all":
-        return tuple(range(count))
-    if isinstance(spec, str):
-        parts = [int(p) if p.strip() else None for p in spec.split(":")]
-        chosen = tuple(range(count)[slice(*parts)])
-        if not chosen:
-            raise ConfigError(f"layers {spec!r} selects no layer of a model with {num_layers} layers")
-        return chosen
-    resolved = []
-    for index in spec:
-        if not -count <= index < count:
-            raise ConfigError(
-                f"layer {index} is beyond the model's depth: it has {num_layers} layers, so valid "
-                f"indices are 0..{num_layers} (0 = embeddings) or -{count}..-1"
-            )
-        resolved.append(index % count)
-    if len(set(resolved)) != len(resolved):
-        raise ConfigError(f"layers {list(spec)} name the same layer twice")
-    return tuple(resolved)
-
-
-def resolve_output(spec: OutputSpec, num_layers: int) -> ResolvedOutput:
-    layers = resolve_layers(spec.layers, num_layers)
-    weights = tuple(spec.weights) if spec.weights is not None else None
-    resolved = ResolvedOutput(spec.name, layers, spec.pooling, spec.combine, weights, spec.normalize, spec.words)
-    if weights is not None and len(weights) != resolved.pooled_layers:
-        what = "first_last_avg pools into 1" if spec.pooling == "first_last_avg" else f"layers {spec.layers!r} selects {len(layers)}"
-        raise ConfigError(f"outputs.{spec.name}: weights has {len(weights)} numbers but {what}")
-    return resolved
+from pipeline.spec import ResolvedOutput
 
 
 def _read_layers(hidden_states: tuple[torch.Tensor, ...], out: ResolvedOutput) -> list[torch.Tensor]:

@@ -1,9 +1,7 @@
-"""The encoder: find the model folder, read its identity and limits, load it cut at the deepest layer.
+"""The model folder: find it (packaged, local or on object storage), read its identity and limits.
 
-Layer numbering is the one of `output_hidden_states`: 0 is the embedding output, i is the
-output of encoder layer i, so a model with N layers has N + 1 hidden states. The encoder is
-loaded with only the layers some output needs (early exit): the deeper ones are dropped from
-the module list, so they are never run and their weights leave memory.
+No torch here: the driver and the CPU workers need the folder, not the weights in memory.
+`encoder.py` loads the weights on a model replica.
 """
 
 from __future__ import annotations
@@ -15,9 +13,6 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
 
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.errors import ConfigError, ModelError, one_line
@@ -154,49 +149,3 @@ def _weights_sha256(folder: Path) -> str:
                     digest.update(chunk)
             return digest.hexdigest()
     raise ModelError(f"no weights ({' or '.join(WEIGHT_FILES)}) in model folder {folder}")
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
-
-
-class Encoder(nn.Module):
-    """A Hugging Face encoder cut after layer `depth`; returns hidden states 0..depth."""
-
-    def __init__(self, path: str, depth: int, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # the pooler weights we skip are not worth a warning
-        hf_logging.disable_progress_bar()  # nor is a "Loading weights" bar per replica
-        model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        layers = _layer_list(model)
-        if depth > len(layers):
-            raise ModelError(f"asked for layer {depth} but {path} has {len(layers)} layers")
-        del layers[depth:]  # early exit: deeper layers are never run
-        if getattr(model, "pooler", None) is not None:
-            model.pooler = None
-        self.model = model.to(device).eval()
-        self.depth = depth
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # input_ids, attention_mask: (B, T) -> depth + 1 tensors of (B, T, D)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return out.hidden_states
-
-
-def _layer_list(model: nn.Module) -> nn.ModuleList:
-    for owner in ("encoder", "transformer"):
-        layers = getattr(getattr(model, owner, None), "layer", None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ModelError(f"{type(model).__name__} is not a supported encoder (no encoder.layer list)")
-

@@ -15,15 +15,14 @@ from dataclasses import asdict, dataclass
 from rich.console import Console
 
 from pipeline.config import StrataConfig, fingerprint_of, redacted
-from pipeline.embedder import EmbedSettings
 from pipeline.errors import InputError, StrataError, one_line
-from pipeline.extract import ResolvedOutput, resolve_output
 from pipeline.fragments import Fragment, plan_fragments
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest, check_writable
 from pipeline.model import ModelInfo, resolve_model
 from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, summary_table
 from pipeline.sources import count_rows, list_shards
+from pipeline.spec import EmbedSettings, ResolvedOutput, resolve_output
 from pipeline.stages import JobSpec
 from pipeline.storage import Location, open_fs
 from pipeline.tokenize import TextTokenizer

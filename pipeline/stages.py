@@ -21,13 +21,13 @@ import pyarrow.compute as pc
 
 from pipeline import faults
 from pipeline.config import InputConfig, StorageConfig
-from pipeline.embedder import Embedder, EmbedSettings
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
 from pipeline.errors import StrataError, one_line
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest
 from pipeline.model import local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
 from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_ranges
+from pipeline.spec import EmbedSettings
 from pipeline.storage import Location, open_fs
 from pipeline.tokenize import TextTokenizer, TokenWindows
 
@@ -128,6 +128,8 @@ class Embed:
 
     def __init__(self, settings: EmbedSettings, keep_fields: list[str], output_uri: str | None = None,
                  storage: StorageConfig | None = None):
+        from pipeline.embedder import Embedder  # torch: only model replicas import it
+
         local = dataclasses.replace(settings.model, path=local_model_path(settings.model, storage))
         self.embedder = Embedder(dataclasses.replace(settings, model=local))
         self.keep_fields = keep_fields

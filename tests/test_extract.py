@@ -5,9 +5,8 @@ import torch
 
 from pipeline.config import OutputSpec
 from pipeline.errors import ConfigError
-from pipeline.extract import (
-    Accumulator, combine_layers, l2_normalize, pool_windows, resolve_layers, resolve_output, token_vectors,
-)
+from pipeline.extract import Accumulator, combine_layers, l2_normalize, pool_windows, token_vectors
+from pipeline.spec import resolve_layers, resolve_output
 
 
 @pytest.fixture

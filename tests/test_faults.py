@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline.config import InputConfig, OutputSpec
-from pipeline.embedder import Embedder, EmbedSettings
-from pipeline.extract import resolve_output
+from pipeline.embedder import Embedder
+from pipeline.spec import EmbedSettings, resolve_output
 from pipeline.fragments import plan_fragments, table_from_bytes
 from pipeline.sources import list_shards
 from pipeline.stages import Embed, Tokenize, read_shard

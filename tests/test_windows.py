@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.config import OutputSpec
-from pipeline.embedder import Embedder, EmbedSettings
-from pipeline.extract import resolve_output
+from pipeline.embedder import Embedder
+from pipeline.spec import EmbedSettings, resolve_output
 from pipeline.tokenize import TextTokenizer
 
 from conftest import CORPUS

@@ -1,0 +1,99 @@
+"""What a run computes, resolved against its model, as plain data: each output's hidden-state
+indices, pooling and vector shape, and the settings a model replica runs with.
+
+No torch here: the driver and the CPU workers (read, tokenize, write) carry these objects
+without importing torch, which keeps their start-up fast and their memory small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import LayerSpec, OutputSpec
+from pipeline.errors import ConfigError
+from pipeline.model import ModelInfo
+
+
+@dataclass(frozen=True)
+class ResolvedOutput:
+    """An output with its layers as absolute hidden-state indices (0..num_layers)."""
+
+    name: str
+    layers: tuple[int, ...]
+    pooling: str
+    combine: str
+    weights: tuple[float, ...] | None
+    normalize: bool
+    words: str = "none"  # token-level only: none (sub-tokens) | first | mean (word vectors)
+
+    @property
+    def token_level(self) -> bool:
+        return self.pooling == "none"
+
+    @property
+    def depth(self) -> int:
+        """The deepest hidden state this output reads (early exit stops there)."""
+        return max(self.layers) if self.pooling != "first_last_avg" else max(max(self.layers), 1)
+
+    @property
+    def pooled_layers(self) -> int:
+        """L: layers left after pooling (first_last_avg folds two into one)."""
+        return 1 if self.pooling == "first_last_avg" else len(self.layers)
+
+    def vector_shape(self, hidden: int) -> tuple[int, ...]:
+        """Shape of one vector (per document, window, token or word)."""
+        if self.combine == "stack":
+            return (self.pooled_layers, hidden)
+        if self.combine == "concat":
+            return (self.pooled_layers * hidden,)
+        return (hidden,)
+
+
+def resolve_layers(spec: LayerSpec, num_layers: int) -> tuple[int, ...]:
+    """Absolute hidden-state indices of a layer spec; 0 = embeddings, num_layers = last layer."""
+    count = num_layers + 1
+    if spec == "all":
+        return tuple(range(count))
+    if isinstance(spec, str):
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        chosen = tuple(range(count)[slice(*parts)])
+        if not chosen:
+            raise ConfigError(f"layers {spec!r} selects no layer of a model with {num_layers} layers")
+        return chosen
+    resolved = []
+    for index in spec:
+        if not -count <= index < count:
+            raise ConfigError(
+                f"layer {index} is beyond the model's depth: it has {num_layers} layers, so valid "
+                f"indices are 0..{num_layers} (0 = embeddings) or -{count}..-1"
+            )
+        resolved.append(index % count)
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"layers {list(spec)} name the same layer twice")
+    return tuple(resolved)
+
+
+def resolve_output(spec: OutputSpec, num_layers: int) -> ResolvedOutput:
+    layers = resolve_layers(spec.layers, num_layers)
+    weights = tuple(spec.weights) if spec.weights is not None else None
+    resolved = ResolvedOutput(spec.name, layers, spec.pooling, spec.combine, weights, spec.normalize, spec.words)
+    if weights is not None and len(weights) != resolved.pooled_layers:
+        what = "first_last_avg pools into 1" if spec.pooling == "first_last_avg" else f"layers {spec.layers!r} selects {len(layers)}"
+        raise ConfigError(f"outputs.{spec.name}: weights has {len(weights)} numbers but {what}")
+    return resolved
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    model: ModelInfo
+    outputs: tuple[ResolvedOutput, ...]
+    dtype: str  # auto | bfloat16 | float16 | float32
+    token_budget: int
+    precision: str  # float16 | float32
+    cpu_threads: int | None = None  # torch threads on a CPU replica; None = torch's default
+    window_rows: bool = False  # one output row per window (long_text.aggregate: none)
+
+    @property
+    def token_details(self) -> bool:
+        """Token-level outputs need special-token masks, word ids and character offsets."""
+        return any(out.token_level for out in self.outputs)
