@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.batching import pack_micro_batches, padded_tokens
+from pipeline.batching import pack_micro_batches, padded_tokens, pass_overhead_tokens
 from pipeline.encoder import Encoder, pick_device, pick_dtype
 from pipeline.extract import Accumulator, pool_windows, token_vectors
 from pipeline.spec import EmbedSettings
@@ -57,7 +57,8 @@ class Embedder:
             for out in self.settings.outputs
         }
         starts = windows.starts
-        todo = pack_micro_batches(windows.lengths, self.settings.token_budget)[::-1]
+        overhead = pass_overhead_tokens(self.device.type, self.settings.token_budget)
+        todo = pack_micro_batches(windows.lengths, self.settings.token_budget, overhead)[::-1]
         done, failed = [], {}
         while todo:  # a stack: a micro-batch that runs out of memory is split in halves and retried
             batch = todo.pop()
