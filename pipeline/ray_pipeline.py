@@ -100,9 +100,12 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
                         num_cpus=resources.cpus_per_replica, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_write_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
                         num_cpus=IO_TASK_CPUS)
-    for row in ds.iter_rows():
-        kind = CommitRecord if row["kind"] == "commit" else FailureRecord
-        yield kind(**json.loads(row["record"]))
+    # prefetch_batches=0: hand each record over as soon as its fragment is committed (with
+    # prefetching, Ray Data holds a block back until the next one arrives: progress lags a fragment)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        for row in batch.to_pylist():
+            kind = CommitRecord if row["kind"] == "commit" else FailureRecord
+            yield kind(**json.loads(row["record"]))
 
 
 def _one(batch: pa.Table) -> dict:
