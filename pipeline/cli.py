@@ -3,6 +3,7 @@
     strata run CONFIG.yaml [--set key.path=value ...]
     strata status OUTPUT_URI [--json]
     strata validate CONFIG.yaml [--set ...]
+    strata bench [--corpus FILE] [--docs N] [--model minilm|bert-base|FOLDER ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -96,6 +97,65 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
         for f in failures:
             failed.add_row(f.fragment, f.source, "?" if f.rows is None else f"{f.rows:,}", f.reason)
         out.print(failed)
+
+
+@app.command()
+def bench(
+    corpus: str = typer.Option(..., help="JSONL(.gz) file with id and text fields, e.g. ../shared/corpus/docs-50k.jsonl.gz"),
+    docs: int = typer.Option(2000, min=1, help="Documents to embed (the corpus's first N)"),
+    model: Optional[list[str]] = typer.Option(None, help="minilm (packaged), bert-base (random weights) or a model "
+                                                           "folder; repeatable [default: minilm]"),
+    workload: str = typer.Option("auto", help="all-layers | sentence; auto = all-layers on GPU, sentence on CPU"),
+    method: Optional[list[str]] = typer.Option(None, help="loop | st_encode | stage | e2e; repeatable [default: all]"),
+    loop_batch: int = typer.Option(64, min=1, help="Batch size of the plain-transformers loop"),
+    token_budget: int = typer.Option(16384, min=2, help="strata's batching.token_budget"),
+    fragment_docs: int = typer.Option(4096, min=1, help="strata's batching.fragment_docs"),
+    max_length: Optional[int] = typer.Option(None, min=2, help="Tokens per sequence [default: the model's limit]"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    profile: bool = typer.Option(False, help="Also profile strata's stage: time by operator kind"),
+    memory_scale: int = typer.Option(0, min=0, help="Also compare peak host memory of strata run on --docs and "
+                                                     "this many times more documents (first model only)"),
+    json_path: str = typer.Option("out/bench.json", "--json", help="Where to write the result as JSON"),
+):
+    """Throughput of strata next to a plain transformers loop and sentence-transformers, in one run."""
+    from pathlib import Path
+
+    from pipeline import bench as bench_module
+
+    for given, known in ((method or [], bench_module.METHODS), ([workload], ("auto", *bench_module.WORKLOADS))):
+        for value in given:
+            if value not in known:
+                kind = "method" if known is bench_module.METHODS else "workload"
+                raise StrataError(f"unknown {kind} {value!r}; choose from {', '.join(known)}")
+    options = bench_module.BenchOptions(
+        corpus=corpus, docs=docs, models=tuple(model or ("minilm",)), workload=workload,
+        methods=tuple(method or bench_module.METHODS), loop_batch=loop_batch, token_budget=token_budget,
+        fragment_docs=fragment_docs, max_length=max_length, device=device, profile=profile, memory_scale=memory_scale)
+    result = bench_module.run_bench(options, report=lambda m: err.print(
+        f"  {m.model} {m.method}: {m.tokens_per_s:,.0f} tokens/s {m.note}", markup=False, highlight=False))
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(result, indent=2))
+    out.print(bench_table(result))
+    for name, facts in result["models"].items():
+        if "memory" in facts:
+            runs = facts["memory"]["runs"]
+            err.print(f"  {name} host memory (peak PSS of strata run): {runs[0]['docs']:,} docs "
+                      f"{runs[0]['peak_pss_bytes'] / 2**20:,.0f} MiB, {runs[1]['docs']:,} docs "
+                      f"{runs[1]['peak_pss_bytes'] / 2**20:,.0f} MiB, ratio {facts['memory']['ratio']:.2f}",
+                      markup=False, highlight=False)
+    err.print(f"written to {json_path}")
+
+
+def bench_table(result: dict) -> Table:
+    table = Table("model", "method", "tokens/s", "× loop", "padding", "min cosine vs loop", "note",
+                  title=f"strata bench: {result['docs']:,} docs, workload {result['workload']['name']}, "
+                        f"{result['environment'].get('gpu', result['environment']['device'])}")
+    for r in result["results"]:
+        table.add_row(r["model"], r["method"], f"{r['tokens_per_s']:,.0f}",
+                      "" if r["ratio_to_loop"] is None else f"{r['ratio_to_loop']:.2f}",
+                      "" if r["padding_share"] is None else f"{r['padding_share']:.1%}",
+                      "" if r["min_cosine"] is None else f"{r['min_cosine']:.5f}", r["note"])
+    return table
 
 
 def main() -> None:

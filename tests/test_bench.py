@@ -1,0 +1,86 @@
+"""`strata bench` at toy sizes: every method runs, and strata's vectors equal the plain loop's.
+
+Speed is what the benchmark itself reports (docs/BENCHMARKS.md); these tests check that its
+numbers are measured on the same work and that the vectors it compares really agree.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS
+from pipeline.bench import BenchOptions, column_numpy, min_cosine, run_bench
+from test_cli import assert_one_line_error, strata
+
+SHARD = str(CORPUS / "part-0.jsonl")
+
+
+def by_method(result: dict) -> dict:
+    return {r["method"]: r for r in result["results"]}
+
+
+@pytest.mark.parametrize("workload", ["sentence", "all-layers"])
+def test_every_method_embeds_the_same_tokens_into_the_same_vectors(ray_cluster, workload):
+    result = run_bench(BenchOptions(corpus=SHARD, docs=40, workload=workload, fragment_docs=16, device="cpu"))
+    methods = by_method(result)
+    assert set(methods) == {"loop", "st_encode", "stage", "e2e"}
+    tokens = result["models"]["minilm"]["tokens"]
+    assert all(r["tokens"] == tokens and r["tokens_per_s"] > 0 for r in methods.values())
+    assert methods["loop"]["ratio_to_loop"] == 1.0
+    for method in ("stage", "e2e"):
+        assert methods[method]["min_cosine"] > 0.9999, method
+        assert 0 <= methods[method]["padding_share"] < 0.5
+    if workload == "sentence":  # encode computes the same vectors; with all layers it does less work
+        assert methods["st_encode"]["min_cosine"] > 0.9999
+    else:
+        assert methods["st_encode"]["min_cosine"] is None and "last layer only" in methods["st_encode"]["note"]
+    json.dumps(result)  # what `strata bench` writes
+
+
+def test_bert_base_shape_with_random_weights():
+    result = run_bench(BenchOptions(corpus=SHARD, docs=6, models=("bert-base",), methods=("loop", "stage"),
+                                    max_length=32, workload="all-layers", device="cpu"))
+    facts = result["models"]["bert-base"]
+    assert (facts["num_layers"], facts["hidden"], facts["max_length"]) == (12, 768, 32)
+    assert by_method(result)["stage"]["min_cosine"] > 0.999
+
+
+def test_min_cosine_sees_one_bad_vector():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(5, 3, 8)).astype(np.float32)
+    changed = reference.copy()
+    assert min_cosine(changed, reference) == pytest.approx(1.0)
+    changed[4, 2] *= -1  # one layer of one document flipped
+    assert min_cosine(changed, reference) == pytest.approx(-1.0)
+
+
+def test_column_numpy_flattens_nested_vectors():
+    import pyarrow as pa
+
+    column = pa.chunked_array([pa.array([[[1.0, 2.0], [3.0, 4.0]]], pa.list_(pa.list_(pa.float32(), 2), 2)),
+                               pa.array([[[5.0, 6.0], [7.0, 8.0]]], pa.list_(pa.list_(pa.float32(), 2), 2))])
+    assert column_numpy(column).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_cli_writes_json_profile_and_memory(tmp_path):
+    out = tmp_path / "bench.json"
+    result = strata("bench", "--corpus", SHARD, "--docs", "12", "--method", "stage", "--fragment-docs", "4",
+                    "--profile", "--memory-scale", "2", "--device", "cpu", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "stage" in result.stdout and "tokens/s" in result.stdout
+    report = json.loads(out.read_text())
+    facts = report["models"]["minilm"]
+    assert sum(facts["profile"]["share_by_kind"].values()) == pytest.approx(1.0)
+    assert "matmul" in facts["profile"]["share_by_kind"]
+    runs = facts["memory"]["runs"]
+    assert [r["docs"] for r in runs] == [12, 24]
+    assert all(r["peak_pss_bytes"] > 100 * 2**20 for r in runs)  # a Ray cluster and a model replica at least
+    assert facts["memory"]["ratio"] == pytest.approx(runs[1]["peak_pss_bytes"] / runs[0]["peak_pss_bytes"])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    assert_one_line_error(strata("bench", "--corpus", str(tmp_path / "nope.jsonl")), "nope.jsonl", "is not a file")
+    assert_one_line_error(strata("bench", "--corpus", SHARD, "--method", "fast"), "unknown method 'fast'")
+    assert_one_line_error(strata("bench", "--corpus", SHARD, "--docs", "200", "--memory-scale", "2",
+                                 "--method", "stage"), "needs 400 documents")
