@@ -9,6 +9,7 @@ wires these steps into a Ray Data dataset, and tests call them directly.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import time
@@ -123,6 +124,25 @@ class Tokenize:
         return bad
 
 
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
+
+
+def release_host_memory() -> None:
+    """Hand the heap memory a fragment freed back to the OS. Micro-batches of ever-changing
+    shapes fragment glibc's heap: without this a CPU replica's memory crept up by ~500 MB over 40
+    fragments (`strata bench --memory-scale 10`); with it, it stays flat."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 class Embed:
     """Adds the output vectors; the payload's docs become the output rows."""
 
@@ -151,6 +171,7 @@ class Embed:
             row_doc = windows.doc if self.embedder.settings.window_rows else np.arange(docs.num_rows)
             rows = rows.filter(pa.array(~np.isin(row_doc, list(result.failed_docs))))
             quarantine = _append_quarantine(quarantine, docs, result.failed_docs)
+        release_host_memory()  # the micro-batches' activations are freed by now
         return {**payload, "docs": table_to_bytes(rows), "windows": b"", "quarantine": quarantine,
                 "embedded": docs.num_rows - len(result.failed_docs), "padded_tokens": result.padded_tokens}
 
