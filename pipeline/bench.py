@@ -117,13 +117,15 @@ def load_sample(corpus: str, docs: int) -> Sample:
     return Sample(ids, texts)
 
 
-def model_folder(name: str, scratch: Path) -> Path:
+def model_folder(name: str, scratch: Path, vocabulary: Path | None = None) -> Path:
     """minilm = the packaged model; bert-base = bert-base-uncased's shape with random weights
-    (throughput does not depend on the weights) and the packaged model's uncased vocabulary."""
+    (throughput does not depend on the weights) and the uncased vocabulary of `vocabulary`, a
+    MiniLM/BERT-uncased folder (default: the packaged model)."""
     if name == "minilm":
         return default_model_path()
     if name != "bert-base":
         return Path(name).expanduser()
+    vocabulary = vocabulary or default_model_path()
     folder = scratch / "bert-base-random"
     if not (folder / "config.json").is_file():
         from transformers import BertConfig, BertModel
@@ -131,8 +133,8 @@ def model_folder(name: str, scratch: Path) -> Path:
         torch.manual_seed(0)
         BertModel(BertConfig(), add_pooling_layer=False).save_pretrained(folder)
         for file in TOKENIZER_FILES:
-            if (default_model_path() / file).is_file():
-                shutil.copy(default_model_path() / file, folder / file)
+            if (vocabulary / file).is_file():
+                shutil.copy(vocabulary / file, folder / file)
     return folder
 
 
@@ -149,8 +151,9 @@ def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lam
     results: list[Measurement] = []
     extra: dict = {}
     with tempfile.TemporaryDirectory(prefix="strata-bench-") as scratch:
-        for name in options.models:
-            folder = model_folder(name, Path(scratch))
+        folders = [Path(m).expanduser() for m in options.models if m not in ("minilm", "bert-base")]
+        for name in options.models:  # bert-base borrows the vocabulary of a folder given beside it, if any
+            folder = model_folder(name, Path(scratch), folders[0] if folders else None)
             info = resolve_model(ModelConfig(name_or_path=str(folder), max_length=options.max_length or "auto"))
             tokenizer = TextTokenizer(info.path, info.max_length)
             started = time.perf_counter()
