@@ -124,14 +124,14 @@ class Tokenize:
         return bad
 
 
-def _glibc():
+def _malloc_trim():
     try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         return None
 
 
-_LIBC = _glibc()
+_MALLOC_TRIM = _malloc_trim()
 
 
 def release_host_memory() -> None:
@@ -139,8 +139,8 @@ def release_host_memory() -> None:
     shapes fragment glibc's heap: without this a CPU replica's memory crept up by ~500 MB over 40
     fragments (`strata bench --memory-scale 10`); with it, it stays flat."""
     pa.default_memory_pool().release_unused()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class Embed:
