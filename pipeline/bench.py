@@ -38,6 +38,7 @@ from pipeline.model import ModelInfo, default_model_path, resolve_model
 from pipeline.spec import EmbedSettings, resolve_output
 from pipeline.tokenize import TextTokenizer
 
+COSINE_FLOOR = 0.999  # a method whose vectors fall below this against the loop's computes something else
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -93,6 +94,11 @@ class Measurement:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def vectors_match(self) -> bool | None:
+        """Whether the vectors equal the loop's (None: nothing to compare)."""
+        return None if self.min_cosine is None else self.min_cosine >= COSINE_FLOOR
 
 
 @dataclass
@@ -184,7 +190,8 @@ def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lam
         "environment": environment(device),
         "options": {k: v for k, v in vars(options).items() if k != "corpus"},
         "models": extra,
-        "results": [{**vars(r), "tokens_per_s": r.tokens_per_s,
+        "cosine_floor": COSINE_FLOOR,
+        "results": [{**vars(r), "tokens_per_s": r.tokens_per_s, "vectors_match": r.vectors_match,
                      "ratio_to_loop": r.tokens_per_s / loop[r.model] if loop.get(r.model) else None} for r in results],
     }
 

@@ -144,6 +144,10 @@ def bench(
                       f"{runs[1]['peak_pss_bytes'] / 2**20:,.0f} MiB, ratio {facts['memory']['ratio']:.2f}",
                       markup=False, highlight=False)
     err.print(f"written to {json_path}")
+    wrong = [r for r in result["results"] if r["vectors_match"] is False]
+    if wrong:
+        raise StrataError(f"{wrong[0]['model']} {wrong[0]['method']}: vectors differ from the loop's (min cosine "
+                          f"{wrong[0]['min_cosine']:.5f} < {result['cosine_floor']}); its speed is not comparable")
 
 
 def bench_table(result: dict) -> Table:
@@ -154,7 +158,8 @@ def bench_table(result: dict) -> Table:
         table.add_row(r["model"], r["method"], f"{r['tokens_per_s']:,.0f}",
                       "" if r["ratio_to_loop"] is None else f"{r['ratio_to_loop']:.2f}",
                       "" if r["padding_share"] is None else f"{r['padding_share']:.1%}",
-                      "" if r["min_cosine"] is None else f"{r['min_cosine']:.5f}", r["note"])
+                      "" if r["min_cosine"] is None else f"{r['min_cosine']:.5f}" + ("" if r["vectors_match"] else " ✗"),
+                      r["note"])
     return table
 
 

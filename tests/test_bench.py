@@ -29,7 +29,7 @@ def test_every_method_embeds_the_same_tokens_into_the_same_vectors(ray_cluster, 
     assert all(r["tokens"] == tokens and r["tokens_per_s"] > 0 for r in methods.values())
     assert methods["loop"]["ratio_to_loop"] == 1.0
     for method in ("stage", "e2e"):
-        assert methods[method]["min_cosine"] > 0.9999, method
+        assert methods[method]["min_cosine"] > 0.9999 and methods[method]["vectors_match"], method
         assert 0 <= methods[method]["padding_share"] < 0.5
     if workload == "sentence":  # encode computes the same vectors; with all layers it does less work
         assert methods["st_encode"]["min_cosine"] > 0.9999
@@ -44,6 +44,14 @@ def test_bert_base_shape_with_random_weights():
     facts = result["models"]["bert-base"]
     assert (facts["num_layers"], facts["hidden"], facts["max_length"]) == (12, 768, 32)
     assert by_method(result)["stage"]["min_cosine"] > 0.999
+
+
+def test_vectors_that_differ_fail_the_check():
+    from pipeline.bench import COSINE_FLOOR, Measurement
+
+    assert Measurement("m", "stage", 1, 1.0, min_cosine=COSINE_FLOOR - 1e-4).vectors_match is False
+    assert Measurement("m", "stage", 1, 1.0, min_cosine=1.0).vectors_match is True
+    assert Measurement("m", "loop", 1, 1.0).vectors_match is None
 
 
 def test_min_cosine_sees_one_bad_vector():
