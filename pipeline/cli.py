@@ -103,8 +103,9 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
 def bench(
     corpus: str = typer.Option(..., help="JSONL(.gz) file with id and text fields, e.g. ../shared/corpus/docs-50k.jsonl.gz"),
     docs: int = typer.Option(2000, min=1, help="Documents to embed (the corpus's first N)"),
-    model: Optional[list[str]] = typer.Option(None, help="minilm (packaged), bert-base (random weights; borrows the vocabulary of a folder given beside it) or a model "
-                                                           "folder; repeatable (default: minilm)"),
+    model: Optional[list[str]] = typer.Option(None, help="minilm (packaged), bert-base (random weights; borrows the "
+                                                           "vocabulary of a folder given beside it) or a model folder; "
+                                                           "repeatable (default: minilm)"),
     workload: str = typer.Option("auto", help="all-layers | sentence; auto = all-layers on GPU, sentence on CPU"),
     method: Optional[list[str]] = typer.Option(None, help="loop | st_encode | stage | e2e; repeatable (default: all four)"),
     loop_batch: int = typer.Option(64, min=1, help="Batch size of the plain-transformers loop"),
