@@ -168,7 +168,7 @@ def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lam
             tokens = int(windows.n_tokens.sum())
             extra[name] = {"max_length": info.max_length, "num_layers": info.num_layers, "hidden": info.hidden_size,
                            "tokens": tokens, "tokenizer_tokens_per_s_one_process": tokens / tokenize_seconds}
-            context = _Context(name, info, workload, sample, tokens, device, options, Path(scratch))
+            context = _Context(name, info, tokenizer, workload, sample, tokens, device, options, Path(scratch))
             reference = None
             for method in [m for m in METHODS if m in options.methods]:  # loop first: the reference
                 measurement, vectors = METHODS[method](context)
@@ -200,6 +200,7 @@ def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lam
 class _Context:
     name: str
     info: ModelInfo
+    tokenizer: TextTokenizer  # the model's, loaded once for the stage and the profile
     workload: Workload
     sample: Sample
     tokens: int
@@ -295,10 +296,9 @@ def _settings(ctx: _Context) -> EmbedSettings:
 def bench_stage(ctx: _Context) -> tuple[Measurement, np.ndarray]:
     """(c) strata's embed stage on fragments tokenized beforehand (what one model replica does)."""
     embedder = Embedder(_settings(ctx), ctx.device)
-    tokenizer = TextTokenizer(ctx.info.path, ctx.info.max_length)
     step = ctx.options.fragment_docs
-    fragments = [tokenizer.encode(ctx.sample.texts[i : i + step]) for i in range(0, len(ctx.sample.texts), step)]
-    embedder.embed(tokenizer.encode(ctx.sample.texts[:64]))  # warm-up
+    fragments = [ctx.tokenizer.encode(ctx.sample.texts[i : i + step]) for i in range(0, len(ctx.sample.texts), step)]
+    embedder.embed(ctx.tokenizer.encode(ctx.sample.texts[:64]))  # warm-up
     _synchronize(ctx.device)
     started = time.perf_counter()
     results = [embedder.embed(windows) for windows in fragments]
@@ -392,7 +392,7 @@ def profile_stage(ctx: _Context, docs: int = 512) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     embedder = Embedder(_settings(ctx), ctx.device)
-    windows = TextTokenizer(ctx.info.path, ctx.info.max_length).encode(ctx.sample.texts[:docs])
+    windows = ctx.tokenizer.encode(ctx.sample.texts[:docs])
     embedder.embed(windows)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
