@@ -4,6 +4,8 @@
     strata status OUTPUT_URI [--json]
     strata validate CONFIG.yaml [--set ...]
     strata bench [--corpus FILE] [--docs N] [--model minilm|bert-base|FOLDER ...] [--json FILE]
+    strata submit CONFIG.yaml --address http://HEAD:8265 [--follow] [--set ...]
+    strata jobs list|show|logs|stop [JOB_ID] --address http://HEAD:8265
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from pipeline.config import load_config, to_yaml
 from pipeline.errors import StrataError
@@ -27,6 +30,10 @@ err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set output.uri=./out/run2 (repeatable)")
+AddressOption = typer.Option(None, "--address", help="The head's Ray job server, http://HEAD:8265 "
+                                                     "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
+jobs_app = typer.Typer(no_args_is_help=True, help="strata's jobs on a Ray cluster: list, show, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
 
 
 @app.command()
@@ -149,6 +156,96 @@ def bench(
     if wrong:
         raise StrataError(f"{wrong[0]['model']} {wrong[0]['method']}: vectors differ from the loop's (min cosine "
                           f"{wrong[0]['min_cosine']:.5f} < {result['cosine_floor']}); its speed is not comparable")
+
+
+@app.command()
+def submit(config: str = typer.Argument(..., help="YAML config file"), overrides: Optional[list[str]] = SetOption,
+           address: Optional[str] = AddressOption,
+           follow: bool = typer.Option(False, "--follow", help="Stream the job's log and exit with its outcome"),
+           ship_code: bool = typer.Option(False, "--ship-code", help="Upload this strata package with the job, for "
+                                                                     "images with the dependencies but another strata")):
+    """Run a config as a Ray job on a cluster; prints the job id."""
+    from pipeline import cluster
+
+    cfg = load_config(config, overrides)
+    job_id = cluster.submit(config, overrides, address, ship_code=ship_code)
+    out.print(job_id, markup=False, highlight=False)
+    for key in cluster.local_paths(cluster.for_cluster(cfg)):
+        err.print(f"note: {key} is a local path; every node of the cluster must see it (a shared disk)",
+                  markup=False, highlight=False)
+    if not follow:
+        err.print(f"follow it with: strata jobs logs {job_id} --follow; stop it with: strata jobs stop {job_id}",
+                  markup=False, highlight=False)
+        return
+    _follow(cluster.connect(address), job_id)
+
+
+def _follow(client, job_id: str) -> None:
+    from pipeline import cluster
+
+    try:
+        job = cluster.follow(client, job_id, lambda text: print(text, end="", flush=True))
+    except KeyboardInterrupt:
+        err.print(f"stopped following; job {job_id} goes on (strata jobs stop {job_id} stops it)")
+        raise SystemExit(130) from None
+    _report_outcome(job)
+
+
+def _report_outcome(job) -> None:
+    seconds = "" if job.seconds is None else f" after {job.seconds:,.0f} s"
+    if job.status != "SUCCEEDED":
+        reason = job.message.strip().splitlines()[0] if job.message.strip() else "no message"
+        raise StrataError(f"job {job.job_id} {job.status.lower()}{seconds}: {reason}")
+    err.print(f"job {job.job_id} succeeded{seconds}", markup=False, highlight=False)
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = AddressOption,
+              as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON")):
+    """strata's jobs on the cluster, newest first."""
+    from pipeline import cluster
+
+    jobs = cluster.list_jobs(cluster.connect(address))
+    if as_json:
+        out.print_json(json.dumps([asdict(job) for job in jobs]))
+        return
+    table = Table("status", "config", "output", "started (UTC)", "seconds", title="strata jobs")
+    table.columns.insert(0, Column("job id", no_wrap=True))
+    for job in jobs:
+        started = "" if job.start_time is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job.start_time))
+        table.add_row(job.job_id, job.status, job.config, job.output, started,
+                      "" if job.seconds is None else f"{job.seconds:,.0f}")
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str = typer.Argument(..., help="Job id, as submit printed it"), address: Optional[str] = AddressOption):
+    """A job's state, entrypoint and message, as JSON."""
+    from pipeline import cluster
+
+    out.print_json(json.dumps(asdict(cluster.show(cluster.connect(address), job_id))))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(..., help="Job id"), address: Optional[str] = AddressOption,
+              follow: bool = typer.Option(False, "--follow", help="Keep streaming until the job ends; exit with its outcome")):
+    """A job's log (its driver's output: progress lines and the run summary)."""
+    from pipeline import cluster
+
+    client = cluster.connect(address)
+    if follow:
+        _follow(client, job_id)
+    else:
+        print(cluster.logs(client, job_id), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = typer.Argument(..., help="Job id"), address: Optional[str] = AddressOption):
+    """Stop a job and wait until it has stopped; committed fragments are kept, a resubmit resumes."""
+    from pipeline import cluster
+
+    job = cluster.stop(cluster.connect(address), job_id)
+    err.print(f"job {job.job_id}: {job.status.lower()}", markup=False, highlight=False)
 
 
 def bench_table(result: dict) -> Table:

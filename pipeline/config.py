@@ -11,10 +11,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -147,6 +147,25 @@ class OutputConfig(_Strict):
 class ComputeConfig(_Strict):
     replicas: Union[Literal["auto"], int] = Field("auto", description="Model replicas; auto = one per GPU, 1 on CPU")
     gpus_per_replica: float = Field(1, ge=0, description="GPUs per replica; 0 on CPU-only clusters (auto-detected)")
+    max_replicas: Optional[int] = Field(None, ge=1, description="Autoscaling: grow the replica pool from `replicas` up "
+                                        "to this many as the cluster adds GPU nodes; null = a fixed pool")
+    tokenizers: Union[Literal["auto"], int] = Field("auto", description="Most tokenizer actors (CPU); auto = 1 beside "
+                                                    "a CPU replica, else the cluster's spare CPUs")
+    object_store_memory: Optional[ByteSize] = Field(None, description="Object store bytes the run's data in flight may "
+                                                    "take, e.g. 8GiB; null = Ray Data's default share")
+
+    @field_validator("tokenizers")
+    @classmethod
+    def _positive_tokenizers(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'auto' or a number ≥ 1")
+        return value
+
+    @model_validator(mode="after")
+    def _max_above_min(self) -> "ComputeConfig":
+        if self.max_replicas is not None and isinstance(self.replicas, int) and self.max_replicas < self.replicas:
+            raise ValueError(f"compute.max_replicas ({self.max_replicas}) is below compute.replicas ({self.replicas})")
+        return self
 
     @field_validator("replicas")
     @classmethod

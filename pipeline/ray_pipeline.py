@@ -23,6 +23,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up on raises
 
+from pipeline.config import ComputeConfig
 from pipeline.fragments import Fragment
 from pipeline.manifest import CommitRecord, FailureRecord
 from pipeline.model import local_model_path
@@ -39,11 +40,18 @@ ACTOR_RETRIES = 2
 
 @dataclass(frozen=True)
 class Resources:
-    replicas: int
+    replicas: int  # the pool's size, or its minimum when it autoscales
+    max_replicas: int
     gpus_per_replica: float
     cpus_per_replica: float
-    tokenizers: int
+    tokenizers: int  # the tokenizer pool's maximum (it starts at one)
     cpu_threads: int | None  # torch threads of a CPU replica
+    object_store_memory: int | None  # bytes of data in flight; None = Ray Data's default
+
+    def describe(self) -> str:
+        pool = str(self.replicas) if self.max_replicas == self.replicas else f"{self.replicas}-{self.max_replicas}"
+        device = f"{self.gpus_per_replica:g} GPU" if self.gpus_per_replica else f"CPU, {self.cpu_threads} threads"
+        return f"{pool} model replicas ({device} each), up to {self.tokenizers} tokenizers"
 
 
 def ensure_ray() -> None:
@@ -61,23 +69,35 @@ def ensure_ray() -> None:
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
 
 
-def plan_resources(replicas: int | str, gpus_per_replica: float) -> Resources:
-    """Replicas and tokenizer actors from what the cluster offers; CPU-only clusters get 0 GPUs."""
-    available = ray.cluster_resources()
+def cluster_resources() -> dict[str, float]:
+    return ray.cluster_resources()
+
+
+def plan_resources(compute: ComputeConfig, available: dict[str, float]) -> Resources:
+    """Replica and tokenizer pools from the config and what the cluster offers now (`ray.cluster_resources()`).
+
+    Without GPUs a fixed pool runs on CPU. An autoscaling pool (`max_replicas`) keeps asking for
+    GPUs even when none are up yet: its pending replicas are what makes the autoscaler add GPU nodes.
+    """
     cpus, gpus = float(available.get("CPU", 1)), float(available.get("GPU", 0))
-    if gpus == 0:
+    gpus_per_replica = compute.gpus_per_replica
+    if gpus == 0 and compute.max_replicas is None:
         gpus_per_replica = 0
+    replicas = compute.replicas
     if replicas == "auto":
         replicas = max(1, int(gpus // gpus_per_replica)) if gpus_per_replica else 1
+    max_replicas = max(replicas, compute.max_replicas or replicas)
+    if compute.max_replicas is not None:
+        replicas = min(replicas, compute.max_replicas)
     cpu_only = gpus_per_replica == 0
     spare_cores = int(cpus - replicas - 2 * IO_TASK_CPUS)
+    tokenizers = compute.tokenizers
+    if tokenizers == "auto":  # a CPU replica's torch already uses every core: one tokenizer keeps ahead of it
+        tokenizers = 1 if cpu_only else max(1, spare_cores)
     return Resources(
-        replicas=int(replicas),
-        gpus_per_replica=gpus_per_replica,
-        cpus_per_replica=1,
-        # a CPU replica's torch already uses every core, so one tokenizer keeps ahead of it
-        tokenizers=1 if cpu_only else max(1, spare_cores),
-        cpu_threads=max(1, int(cpus // replicas)) if cpu_only else None,
+        replicas=replicas, max_replicas=max_replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=1,
+        tokenizers=tokenizers, cpu_threads=max(1, int(cpus // replicas)) if cpu_only else None,
+        object_store_memory=compute.object_store_memory,
     )
 
 
@@ -87,6 +107,9 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
     for fragment in pending:
         by_shard.setdefault(fragment.shard.source, []).append(fragment)
     items = [{"fragments": json.dumps([f.to_json() for f in group])} for group in by_shard.values()]
+    if resources.object_store_memory is not None:
+        options = ray.data.DataContext.get_current().execution_options
+        options.resource_limits = options.resource_limits.copy(object_store_memory=resources.object_store_memory)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
                         num_cpus=IO_TASK_CPUS)
@@ -96,7 +119,8 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.tokenizers),
                         num_cpus=TOKENIZER_CPUS, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_actor_step(embed, "Embed"), batch_size=1, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=resources.replicas), num_gpus=resources.gpus_per_replica,
+                        compute=ray.data.ActorPoolStrategy(min_size=resources.replicas, max_size=resources.max_replicas),
+                        num_gpus=resources.gpus_per_replica,
                         num_cpus=resources.cpus_per_replica, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_write_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
                         num_cpus=IO_TASK_CPUS)

@@ -162,9 +162,13 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
 def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
              console: Console) -> tuple[list[CommitRecord], list[FailureRecord]]:
     from pipeline import ray_pipeline
+    from pipeline.metrics import RunMetrics
 
     ray_pipeline.ensure_ray()
-    resources = ray_pipeline.plan_resources(plan.config.compute.replicas, plan.config.compute.gpus_per_replica)
+    available = ray_pipeline.cluster_resources()
+    resources = ray_pipeline.plan_resources(plan.config.compute, available)
+    waiting = " (no GPU in the cluster yet: waiting for the autoscaler)" if resources.gpus_per_replica and not available.get("GPU") else ""
+    console.print(f"strata: {resources.describe()}{waiting}", markup=False, highlight=False)
     long_text = plan.config.long_text
     settings = EmbedSettings(plan.model, plan.outputs, plan.config.model.dtype, plan.config.batching.token_budget,
                              plan.config.output.precision, resources.cpu_threads,
@@ -176,10 +180,12 @@ def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
     done_rows = plan.total_rows - sum(f.rows for f in pending)
     records, failures = [], []
     remaining = pending
+    metrics = RunMetrics(plan.config.output.uri, plan.total_rows - done_rows)
     with RunProgress(console, plan.total_rows, done_rows) as progress:
         while remaining:
             try:
                 for record in ray_pipeline.run_fragments(remaining, job, resources):
+                    metrics.record(record)
                     if isinstance(record, FailureRecord):
                         failures.append(record)
                         console.print(f"strata: fragment {record.fragment} failed: {record.reason}", markup=False,

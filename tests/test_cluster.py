@@ -1,0 +1,211 @@
+"""strata as Ray jobs on a real cluster: a `ray start --head` with its job server on 127.0.0.1.
+
+The head runs in its own temp dir, so the other tests' `ray.init()` never joins it, and in its
+own process group, so tearing it down leaves the session's Ray instance alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pyarrow.dataset as ds
+import pytest
+
+from conftest import CORPUS, write_config
+from test_cli import assert_one_line_error, strata
+
+CORPUS_ROWS = 300
+HEAD_START_TIMEOUT_S = 90
+
+
+@dataclass(frozen=True)
+class Head:
+    address: str
+    metrics_url: str
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp = tempfile.mkdtemp(prefix="strata-head-", dir="/tmp")  # Ray's socket paths must stay short
+    bin_dir = os.path.dirname(sys.executable)
+    dashboard, metrics = _free_port(), _free_port()
+    ports = {flag: _free_port() for flag in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port", "ray-client-server-port",
+                                             "node-manager-port", "object-manager-port")}
+    log = Path(temp) / "head.log"
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--metrics-export-port={metrics}", "--num-cpus=2", "--object-store-memory=268435456",
+         f"--temp-dir={temp}", "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
+        # the job's `python` must be this environment's
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_job_server(address, head, log)
+        yield Head(address, f"http://127.0.0.1:{metrics}/metrics", log)
+    finally:
+        _stop_head(head, temp)
+
+
+def _wait_for_job_server(address: str, head: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start --head exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except OSError as exc:
+            if "401" in str(exc) or "403" in str(exc):  # answers, wants a token: strata handles that
+                return
+            time.sleep(0.5)
+    pytest.fail(f"the job server at {address} did not come up in {HEAD_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_head(head: subprocess.Popen, temp: str) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(wait)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for process in psutil.process_iter(["cmdline"]):  # a job's driver runs in a session of its own
+        if any(temp in part for part in process.info["cmdline"] or []):
+            process.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _config(tmp_path: Path, output: Path, fragment_docs: int = 64) -> Path:
+    return write_config(tmp_path / "job.yaml", input={"uri": str(CORPUS)}, output={"uri": str(output)},
+                        outputs=[{"name": "sentence", "layers": [-1], "pooling": "mean", "normalize": True}],
+                        batching={"fragment_docs": fragment_docs})
+
+
+def _ids(output: Path) -> list[str]:
+    return ds.dataset(output / "data", partitioning="hive").to_table(columns=["id"]).column("id").to_pylist()
+
+
+def _vectors(output: Path) -> dict[str, list[float]]:
+    table = ds.dataset(output / "data", partitioning="hive").to_table(columns=["id", "sentence"])
+    return dict(zip(table.column("id").to_pylist(), table.column("sentence").to_pylist()))
+
+
+def _input_ids() -> set[str]:
+    import gzip
+
+    ids = set()
+    for path in sorted(CORPUS.iterdir()):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as lines:
+            ids |= {json.loads(line)["id"] for line in lines if line.strip()}
+    return ids
+
+
+def _jobs(head: Head) -> dict[str, dict]:
+    listed = strata("jobs", "list", "--address", head.address, "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {job["job_id"]: job for job in json.loads(listed.stdout)}
+
+
+def _metric(head: Head, name: str, output: Path) -> float | None:
+    with urllib.request.urlopen(head.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'output="{output}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_submit_follow_runs_the_config_as_a_job_and_exports_metrics(ray_head, tmp_path):
+    output = tmp_path / "out"
+    result = strata("submit", str(_config(tmp_path, output)), "--address", ray_head.address, "--follow")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = result.stdout.splitlines()[0]
+    assert job_id.startswith("strata-job-")
+    assert "strata run summary" in result.stdout  # the job's own log, streamed
+    assert f"job {job_id} succeeded" in result.stderr
+
+    ids = _ids(output)
+    assert len(ids) == CORPUS_ROWS and set(ids) == _input_ids()
+    job = _jobs(ray_head)[job_id]
+    assert job["status"] == "SUCCEEDED" and job["output"] == str(output) and job["config"] == "job"
+    shown = strata("jobs", "show", job_id, "--address", ray_head.address)
+    assert json.loads(shown.stdout)["entrypoint"] == "python -m pipeline.cli run strata-job.yaml"
+
+    # the driver's progress reached Ray's Prometheus endpoint, tagged with the output
+    deadline = time.monotonic() + 30
+    while _metric(ray_head, "ray_strata_docs_total", output) != CORPUS_ROWS and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _metric(ray_head, "ray_strata_docs_total", output) == CORPUS_ROWS
+    assert _metric(ray_head, "ray_strata_tokens_total", output) == json.loads(
+        (output / "_manifest" / "run.json").read_text())["summary"]["tokens"]
+    assert _metric(ray_head, "ray_strata_rows_remaining", output) == 0
+
+
+def test_stopped_job_resubmitted_finishes_exactly_once(ray_head, tmp_path):
+    output = tmp_path / "out"
+    config = _config(tmp_path, output, fragment_docs=10)  # 30 fragments: a stop lands mid-run
+    first = strata("submit", str(config), "--address", ray_head.address, "--ship-code")
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.strip()
+    commits = output / "_manifest" / "fragments"
+    deadline = time.monotonic() + 120
+    while len(list(commits.glob("*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(commits.glob("*.json")), "the first job committed nothing in 120 s"
+
+    # a second job on the same output while the first runs would redo its fragments: refused
+    assert_one_line_error(strata("submit", str(config), "--address", ray_head.address), job_id, "stop it first")
+
+    stopped = strata("jobs", "stop", job_id, "--address", ray_head.address)
+    assert stopped.returncode == 0 and "stopped" in stopped.stderr, stopped.stderr
+    assert _jobs(ray_head)[job_id]["status"] == "STOPPED"
+    done_before = len(list(commits.glob("*.json")))
+    assert 0 < done_before < 30
+
+    again = strata("submit", str(config), "--address", ray_head.address, "--follow", "--ship-code")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"{done_before} already committed" in again.stdout
+    ids = _ids(output)
+    assert len(ids) == len(set(ids)) == CORPUS_ROWS and set(ids) == _input_ids()
+    assert len(list(commits.glob("*.json"))) == 30
+
+
+def test_unreachable_job_server_fails_fast_with_one_line(tmp_path):
+    config = _config(tmp_path, tmp_path / "out")
+    started = time.monotonic()
+    result = strata("submit", str(config), "--address", f"http://127.0.0.1:{_free_port()}")
+    assert time.monotonic() - started < 20  # the CLI's own start-up included
+    assert_one_line_error(result, "cannot reach the Ray job server", "Connection refused")
+    assert_one_line_error(strata("jobs", "list", "--address", "ray://127.0.0.1:10001"), "http://HOST:8265")
+
+
+def test_submit_checks_the_config_before_the_cluster(tmp_path):
+    bad = write_config(tmp_path / "bad.yaml", input={"uri": str(CORPUS)}, output={"uri": str(tmp_path / "o")},
+                       compute={"replicas": 2, "max_replicas": 1})
+    assert_one_line_error(strata("submit", str(bad), "--address", "http://127.0.0.1:1"),
+                          "max_replicas (1) is below compute.replicas (2)")
