@@ -37,11 +37,13 @@ app.add_typer(jobs_app, name="jobs")
 
 
 @app.command()
-def run(config: str = typer.Argument(..., help="YAML config file"), overrides: Optional[list[str]] = SetOption):
+def run(config: str = typer.Argument(..., help="YAML config file"), overrides: Optional[list[str]] = SetOption,
+        if_free: bool = typer.Option(False, "--if-free", help="Exit 0 without running when another run holds the "
+                                                              "output (for schedules)")):
     """Embed the corpus; resumes where an earlier run of the same output stopped."""
     from pipeline import runner
 
-    runner.run(load_config(config, overrides), console=err)
+    runner.run(load_config(config, overrides), console=err, if_free=if_free)
 
 
 @app.command()

@@ -92,9 +92,19 @@ def connect(address: str | None):
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package ...", "WebSocket closed ..."
     try:
-        return JobSubmissionClient(url)
+        with _without_address_variables():  # Ray lets them override the address it is given
+            return JobSubmissionClient(url)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError or AuthenticationError
         raise JobError(_server_refusal(url, exc)) from None
+
+
+@contextlib.contextmanager
+def _without_address_variables():
+    saved = {name: os.environ.pop(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _use_ray_token_if_present() -> None:

@@ -125,10 +125,11 @@ class Manifest:
                 removed.append(path)
         return removed
 
-    def records(self) -> list[CommitRecord]:
+    def records(self, fragment_ids: set[str] | None = None) -> list[CommitRecord]:
+        """Commit records, of every committed fragment or of the given ones."""
         return [
             CommitRecord(**json.loads(self.location.read_bytes(FRAGMENTS_DIR, f"{fid}.json")))
-            for fid in sorted(self.committed())
+            for fid in sorted(self.committed() if fragment_ids is None else fragment_ids)
         ]
 
 

@@ -86,9 +86,9 @@ def plan_resources(compute: ComputeConfig, available: dict[str, float]) -> Resou
     replicas = compute.replicas
     if replicas == "auto":
         replicas = max(1, int(gpus // gpus_per_replica)) if gpus_per_replica else 1
-    max_replicas = max(replicas, compute.max_replicas or replicas)
     if compute.max_replicas is not None:
         replicas = min(replicas, compute.max_replicas)
+    max_replicas = compute.max_replicas or replicas
     cpu_only = gpus_per_replica == 0
     spare_cores = int(cpus - replicas - 2 * IO_TASK_CPUS)
     tokenizers = compute.tokenizers

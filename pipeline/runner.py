@@ -17,6 +17,7 @@ from rich.console import Console
 from pipeline.config import StrataConfig, fingerprint_of, redacted
 from pipeline.errors import InputError, StrataError, one_line
 from pipeline.fragments import Fragment, plan_fragments
+from pipeline.lease import Lease, OutputBusy
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest, check_writable
 from pipeline.model import ModelInfo, resolve_model
 from pipeline.output import file_metadata
@@ -116,13 +117,28 @@ def _unit(out: ResolvedOutput, config: StrataConfig) -> str:
     return "window" if config.long_text.window_rows else "document"
 
 
-def run(config: StrataConfig, console: Console | None = None) -> dict:
-    """Embed every pending fragment; returns the summary (also saved in run.json)."""
+def run(config: StrataConfig, console: Console | None = None, if_free: bool = False) -> dict | None:
+    """Embed every pending fragment; returns the summary (also saved in run.json). With
+    `if_free`, a run that finds another live run on its output returns None instead of failing."""
     console = console or Console(stderr=True)
     started = time.monotonic()
     resolved = resolve(config)
     location = Location.from_uri(config.output.uri, config.storage)
     check_writable(location)  # before listing and counting a corpus that may be large
+    lease = Lease(location)
+    try:
+        lease.acquire(note=lambda line: console.print(line, markup=False, highlight=False))
+    except OutputBusy as busy:
+        if not if_free:
+            raise
+        console.print(f"strata: skipping this run: {busy}", markup=False, highlight=False)
+        return None
+    with lease:
+        return _run_holding_the_output(config, resolved, location, console, started)
+
+
+def _run_holding_the_output(config: StrataConfig, resolved, location: Location, console: Console,
+                            started: float) -> dict:
     plan = make_plan(config, resolved)
     manifest = Manifest(location)
     run_info = run_record(plan)
@@ -136,6 +152,7 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
         manifest.fail(failure)
         console.print(f"strata: skipping shard {failure.source}: {failure.reason}", markup=False, highlight=False)
     committed = manifest.committed()
+    _check_input_unchanged(plan, manifest, committed)
     pending = [f for f in plan.fragments if f.id not in committed]
     removed = manifest.remove_uncommitted(committed)
     if removed:
@@ -159,6 +176,21 @@ def run(config: StrataConfig, console: Console | None = None) -> dict:
     return summary
 
 
+def _check_input_unchanged(plan: Plan, manifest: Manifest, committed: set[str]) -> None:
+    """Committed fragments the plan no longer has mean a shard shrank, grew or vanished since the
+    output was made: its old rows would stay beside the new ones, so refuse. (A shard that merely
+    cannot be read today is not a change: its committed rows stay.)"""
+    unreadable = {failure.source for failure in plan.bad_shards}
+    stale = [record for record in manifest.records(committed - {f.id for f in plan.fragments})
+             if record.source not in unreadable]
+    if stale:
+        shards = sorted({record.source for record in stale})
+        raise InputError(
+            f"the input changed since {plan.config.output.uri} was made: {_count_of(len(stale), 'committed fragment')} "
+            f"of {_count_of(len(shards), 'shard')} ({shards[0]}, rows {stale[0].start}-{stale[0].end}) no longer "
+            "match the input's rows; embed the changed corpus into a new output.uri")
+
+
 def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
              console: Console) -> tuple[list[CommitRecord], list[FailureRecord]]:
     from pipeline import ray_pipeline
@@ -167,7 +199,9 @@ def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
     ray_pipeline.ensure_ray()
     available = ray_pipeline.cluster_resources()
     resources = ray_pipeline.plan_resources(plan.config.compute, available)
-    waiting = " (no GPU in the cluster yet: waiting for the autoscaler)" if resources.gpus_per_replica and not available.get("GPU") else ""
+    waiting = ""
+    if resources.gpus_per_replica and not available.get("GPU"):
+        waiting = " (no GPU in the cluster yet: waiting for the autoscaler to add GPU nodes)"
     console.print(f"strata: {resources.describe()}{waiting}", markup=False, highlight=False)
     long_text = plan.config.long_text
     settings = EmbedSettings(plan.model, plan.outputs, plan.config.model.dtype, plan.config.batching.token_budget,

@@ -126,7 +126,10 @@ def _input_ids() -> set[str]:
 
 
 def _jobs(head: Head) -> dict[str, dict]:
-    listed = strata("jobs", "list", "--address", head.address, "--json")
+    # --address wins over Ray's address variables (Ray's own client lets them override it)
+    listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "jobs", "list", "--address", head.address, "--json"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:1"})
     assert listed.returncode == 0, listed.stderr
     return {job["job_id"]: job for job in json.loads(listed.stdout)}
 

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.config import OutputSpec, parse_config
 from pipeline.embedder import Embedder
-from pipeline.errors import OutputError
+from pipeline.errors import InputError, OutputError
 from pipeline.spec import EmbedSettings, resolve_output
 from pipeline.runner import RunFailed, run
 from pipeline.tokenize import TextTokenizer
@@ -166,6 +166,27 @@ def test_resuming_with_other_vector_settings_is_refused(ray_cluster, tmp_path, m
         f.write(b"\0")
     with pytest.raises(OutputError, match="model_weights_sha256"):
         run(config(corpus, out, **same))
+
+
+def test_rerun_embeds_new_shards_and_refuses_changed_ones(ray_cluster, tmp_path):
+    """What a scheduled rerun of one config over a growing corpus does: new shards are embedded, and
+    a shard whose rows changed under the output is refused instead of leaving old rows beside new."""
+    corpus, out = small_corpus(tmp_path / "in", docs_per_shard=(7, 4)), tmp_path / "out"
+    run(config(corpus, out))
+    lines = (CORPUS / "part-0.jsonl").read_text().splitlines()
+    (corpus / "s2.jsonl").write_text("\n".join(lines[40:46]) + "\n")
+    summary = run(config(corpus, out))
+    assert (summary["docs_this_run"], summary["docs"]) == (6, 17)
+    assert sorted(read_output(out).column("id").to_pylist()) == sorted(
+        json.loads(line)["id"] for line in lines[:11] + lines[40:46])
+    assert run(config(corpus, out))["docs_this_run"] == 0
+    with (corpus / "s1.jsonl").open("a") as shard:  # rows appended: its last fragment is cut anew
+        shard.write(lines[50] + "\n")
+    with pytest.raises(InputError, match=r"input changed .* 1 committed fragment of 1 shard \(s1.jsonl, rows 0-4\)"):
+        run(config(corpus, out))
+    (corpus / "s1.jsonl").unlink()
+    with pytest.raises(InputError, match=r"input changed .* 1 committed fragment of 1 shard \(s1.jsonl"):
+        run(config(corpus, out))
 
 
 def test_windows_as_rows_and_token_level_outputs_through_ray(ray_cluster, tmp_path):

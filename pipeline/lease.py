@@ -1,0 +1,121 @@
+"""Which run writes an output now: a lease file in its manifest, renewed while the run lives.
+
+Two runs on one output would redo each other's fragments, and one run's start-up clean-up of
+files without a commit record could delete a file the other is about to commit. Scheduled runs
+make that easy (a RayCronJob starts a run per tick whether or not the last one ended), so a run
+takes `_manifest/lease.json` first and renews it every RENEW_S seconds.
+
+A lease found in place is alive while its `renewed` stamp keeps changing. Its holder is dead when
+it is a process of this host that no longer exists, when its stamp is far older than the TTL,
+or when the stamp stays still for TTL_S of watching it (measured on this host's clock, so clocks
+of different hosts never need to agree). Object storage has no create-if-absent here, so two
+runs starting in the same second could both win; the read-back after writing narrows that window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import psutil
+
+from pipeline.errors import OutputError
+from pipeline.storage import Location
+
+LEASE_FILE = "_manifest/lease.json"
+RENEW_S = 15.0
+TTL_S = 60.0  # a holder that has not renewed for this long is gone
+WATCH_EVERY_S = 2.0
+
+
+class OutputBusy(OutputError):
+    """Another live run holds the output."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    token: str
+    host: str
+    pid: int
+    started: float  # seconds since the epoch, the holder's clock
+    renewed: float
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+        return f"process {self.pid} on {self.host}, started {started}"
+
+
+class Lease:
+    def __init__(self, location: Location, ttl: float = TTL_S, renew_every: float = RENEW_S,
+                 watch_every: float = WATCH_EVERY_S):
+        self.location, self.ttl, self.renew_every, self.watch_every = location, ttl, renew_every, watch_every
+        now = time.time()
+        self.holder = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self, note: Callable[[str], None] = lambda _: None) -> None:
+        """Take the output, waiting out a holder that may be dead; OutputBusy if it is alive."""
+        current = self._read()
+        if current is not None and current.token != self.holder.token and not self._gone(current, note):
+            raise OutputBusy(f"output {self.location.uri()} is being written by another run ({current.describe()}); "
+                             "two runs on one output redo each other's work: wait for it, or stop it first")
+        self._write(time.time())
+        if (winner := self._read()) is not None and winner.token != self.holder.token:
+            raise OutputBusy(f"output {self.location.uri()} was taken by another run starting at the same moment "
+                             f"({winner.describe()})")
+        self._renewer = threading.Thread(target=self._renew, name="strata-lease", daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        current = self._read()
+        if current is not None and current.token == self.holder.token:
+            self.location.remove(LEASE_FILE)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _gone(self, other: Holder, note: Callable[[str], None]) -> bool:
+        if other.host == self.holder.host:
+            return not psutil.pid_exists(other.pid) or other.pid == self.holder.pid
+        if time.time() - other.renewed > 10 * self.ttl:
+            return True
+        note(f"strata: the output has a lease of {other.describe()}; checking for up to {self.ttl:.0f} s "
+             "whether that run is still alive")
+        deadline = time.monotonic() + self.ttl
+        while time.monotonic() < deadline:
+            time.sleep(self.watch_every)
+            now = self._read()
+            if now is None:
+                return True
+            if now != other:
+                return False
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            self._write(time.time())
+
+    def _write(self, renewed: float) -> None:
+        holder = Holder(**{**asdict(self.holder), "renewed": renewed})
+        self.location.write_bytes(json.dumps(asdict(holder)).encode(), LEASE_FILE)
+
+    def _read(self) -> Holder | None:
+        if not self.location.exists(LEASE_FILE):
+            return None
+        try:
+            return Holder(**json.loads(self.location.read_bytes(LEASE_FILE)))
+        except (ValueError, TypeError, FileNotFoundError):  # half-written or just removed
+            return None
