@@ -167,19 +167,22 @@ def submit(config: str = typer.Argument(..., help="YAML config file"), overrides
            ship_code: bool = typer.Option(False, "--ship-code", help="Upload this strata package with the job, for "
                                                                      "images with the dependencies but another strata")):
     """Run a config as a Ray job on a cluster; prints the job id."""
+    from pathlib import Path
+
     from pipeline import cluster
 
-    cfg = load_config(config, overrides)
-    job_id = cluster.submit(config, overrides, address, ship_code=ship_code)
+    cfg = cluster.for_cluster(load_config(config, overrides))  # a bad config fails before the cluster is asked
+    client = cluster.connect(address)
+    job_id = cluster.submit(client, cfg, Path(config).stem, ship_code=ship_code)
     out.print(job_id, markup=False, highlight=False)
-    for key in cluster.local_paths(cluster.for_cluster(cfg)):
+    for key in cluster.local_paths(cfg):
         err.print(f"note: {key} is a local path; every node of the cluster must see it (a shared disk)",
                   markup=False, highlight=False)
     if not follow:
         err.print(f"follow it with: strata jobs logs {job_id} --follow; stop it with: strata jobs stop {job_id}",
                   markup=False, highlight=False)
         return
-    _follow(cluster.connect(address), job_id)
+    _follow(client, job_id)
 
 
 def _follow(client, job_id: str) -> None:

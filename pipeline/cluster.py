@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from pipeline import __version__
-from pipeline.config import StrataConfig, load_config
+from pipeline.config import StrataConfig
 from pipeline.errors import StrataError, one_line
 
 JOB_CONFIG = "strata-job.yaml"  # the config's name inside the job's working_dir
@@ -156,16 +156,14 @@ def local_paths(config: StrataConfig) -> list[str]:
     return [key for key, uri in keys if "://" not in uri]
 
 
-def submit(config_path: str, overrides: list[str] | None, address: str | None, ship_code: bool = False) -> str:
-    """Submit `strata run CONFIG` as a job; returns its id. Refuses while another job writes the same output."""
-    config = for_cluster(load_config(config_path, overrides))
-    client = connect(address)
+def submit(client, config: StrataConfig, name: str, ship_code: bool = False) -> str:
+    """Submit `strata run` of this config (see `for_cluster`) as a job named after `name`; returns
+    its id. Refuses while another strata job on this cluster writes the same output."""
     busy = [job for job in list_jobs(client) if job.status in ACTIVE and job.output == config.output.uri]
     if busy:
         raise JobError(f"job {busy[0].job_id} is {busy[0].status.lower()} on output {config.output.uri}; two jobs on "
                        f"one output would redo each other's fragments: wait for it, or stop it first "
                        f"(strata jobs stop {busy[0].job_id})")
-    name = Path(config_path).stem
     with tempfile.TemporaryDirectory(prefix="strata-job-") as folder:
         # the unredacted config: the job needs storage.options as the user wrote them
         Path(folder, JOB_CONFIG).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -231,8 +229,13 @@ def wait(client, job_id: str, timeout: float | None = None) -> JobSummary:
 
 def follow(client, job_id: str, write: Callable[[str], None]) -> JobSummary:
     """Stream the job's log until it ends; returns its final state."""
-    for chunk in _tail(client, job_id):
-        write(chunk)
+    show(client, job_id)  # a clear error for an unknown id
+    try:
+        for chunk in _tail(client, job_id):
+            write(chunk)
+    except Exception as exc:  # noqa: BLE001 - a dropped websocket, a head that went away
+        raise JobError(f"lost the log stream of job {job_id}: {one_line(exc)}; the job goes on "
+                       f"(strata jobs logs {job_id} --follow picks it up again)") from None
     return wait(client, job_id)
 
 

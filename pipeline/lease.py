@@ -106,7 +106,10 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):
-            self._write(time.time())
+            try:
+                self._write(time.time())
+            except Exception:  # noqa: BLE001 - storage hiccup: the next renewal comes before the TTL runs out
+                continue
 
     def _write(self, renewed: float) -> None:
         holder = Holder(**{**asdict(self.holder), "renewed": renewed})

@@ -64,6 +64,13 @@ class Manifest:
 
     def begin(self, run: dict) -> None:
         """Claim the output for this run, or refuse if it holds a run with other settings."""
+        previous = self.check_settings(run)
+        if previous and "summary" in previous:
+            run = {**run, "summary": previous["summary"]}
+        self.write_run(run)
+
+    def check_settings(self, run: dict) -> dict | None:
+        """Refuse an output made with other settings; returns its run record, if any."""
         previous = self.read_run()
         if previous and previous.get("fingerprint") != run["fingerprint"]:
             changes = identity_changes(previous.get("identity", {}), run["identity"])[:3]
@@ -72,9 +79,7 @@ class Manifest:
                 f"({'; '.join(changes) or 'fingerprint ' + str(previous.get('fingerprint'))}); "
                 "use a new output.uri, or delete the old output to start over"
             )
-        if previous and "summary" in previous:
-            run = {**run, "summary": previous["summary"]}
-        self.write_run(run)
+        return previous
 
     def committed(self) -> set[str]:
         return {n.removesuffix(".json") for n in self.location.list_names(FRAGMENTS_DIR) if n.endswith(".json")}

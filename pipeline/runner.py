@@ -142,6 +142,9 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     plan = make_plan(config, resolved)
     manifest = Manifest(location)
     run_info = run_record(plan)
+    manifest.check_settings(run_info)
+    committed = manifest.committed()
+    _check_input_unchanged(plan, manifest, committed)
     manifest.begin(run_info)
     manifest.clear_failures()  # this run retries them
     if plan.skipped:
@@ -151,8 +154,6 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     for failure in plan.bad_shards:
         manifest.fail(failure)
         console.print(f"strata: skipping shard {failure.source}: {failure.reason}", markup=False, highlight=False)
-    committed = manifest.committed()
-    _check_input_unchanged(plan, manifest, committed)
     pending = [f for f in plan.fragments if f.id not in committed]
     removed = manifest.remove_uncommitted(committed)
     if removed:

@@ -101,7 +101,7 @@ def _stop_head(head: subprocess.Popen, temp: str) -> None:
 
 def _config(tmp_path: Path, output: Path, fragment_docs: int = 64) -> Path:
     return write_config(tmp_path / "job.yaml", input={"uri": str(CORPUS)}, output={"uri": str(output)},
-                        outputs=[{"name": "sentence", "layers": [-1], "pooling": "mean", "normalize": True}],
+                        model={"max_length": 64}, outputs=[{"name": "sentence", "layers": [-1], "pooling": "mean", "normalize": True}],
                         batching={"fragment_docs": fragment_docs})
 
 
@@ -158,6 +158,9 @@ def test_submit_follow_runs_the_config_as_a_job_and_exports_metrics(ray_head, tm
     assert job["status"] == "SUCCEEDED" and job["output"] == str(output) and job["config"] == "job"
     shown = strata("jobs", "show", job_id, "--address", ray_head.address)
     assert json.loads(shown.stdout)["entrypoint"] == "python -m pipeline.cli run strata-job.yaml"
+    for command in ("show", "logs", "stop"):
+        assert_one_line_error(strata("jobs", command, "strata-no-such-job", "--address", ray_head.address),
+                              "no job strata-no-such-job on")
 
     # the driver's progress reached Ray's Prometheus endpoint, tagged with the output
     deadline = time.monotonic() + 30

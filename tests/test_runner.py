@@ -180,10 +180,12 @@ def test_rerun_embeds_new_shards_and_refuses_changed_ones(ray_cluster, tmp_path)
     assert sorted(read_output(out).column("id").to_pylist()) == sorted(
         json.loads(line)["id"] for line in lines[:11] + lines[40:46])
     assert run(config(corpus, out))["docs_this_run"] == 0
+    before = (out / "_manifest" / "run.json").read_text()
     with (corpus / "s1.jsonl").open("a") as shard:  # rows appended: its last fragment is cut anew
         shard.write(lines[50] + "\n")
     with pytest.raises(InputError, match=r"input changed .* 1 committed fragment of 1 shard \(s1.jsonl, rows 0-4\)"):
         run(config(corpus, out))
+    assert (out / "_manifest" / "run.json").read_text() == before  # a refused run leaves the output as it was
     (corpus / "s1.jsonl").unlink()
     with pytest.raises(InputError, match=r"input changed .* 1 committed fragment of 1 shard \(s1.jsonl"):
         run(config(corpus, out))
