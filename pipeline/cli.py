@@ -214,12 +214,11 @@ def jobs_list(address: Optional[str] = AddressOption,
     if as_json:
         out.print_json(json.dumps([asdict(job) for job in jobs]))
         return
-    table = Table("status", "config", "output", "started (UTC)", "seconds", title="strata jobs")
-    table.columns.insert(0, Column("job id", no_wrap=True))
+    table = Table(Column("job id", no_wrap=True), Column("status", no_wrap=True), "output",
+                  Column("started (UTC)", no_wrap=True), Column("seconds", justify="right"), title="strata jobs")
     for job in jobs:
-        started = "" if job.start_time is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job.start_time))
-        table.add_row(job.job_id, job.status, job.config, job.output, started,
-                      "" if job.seconds is None else f"{job.seconds:,.0f}")
+        started = "" if job.start_time is None else time.strftime("%m-%d %H:%M", time.gmtime(job.start_time))
+        table.add_row(job.job_id, job.status, job.output, started, "" if job.seconds is None else f"{job.seconds:,.0f}")
     out.print(table)
 
 

@@ -158,6 +158,7 @@ def test_submit_follow_runs_the_config_as_a_job_and_exports_metrics(ray_head, tm
     assert job["status"] == "SUCCEEDED" and job["output"] == str(output) and job["config"] == "job"
     shown = strata("jobs", "show", job_id, "--address", ray_head.address)
     assert json.loads(shown.stdout)["entrypoint"] == "python -m pipeline.cli run strata-job.yaml"
+    assert job_id in strata("jobs", "list", "--address", ray_head.address).stdout  # the table keeps ids whole
     for command in ("show", "logs", "stop"):
         assert_one_line_error(strata("jobs", command, "strata-no-such-job", "--address", ray_head.address),
                               "no job strata-no-such-job on")
