@@ -51,7 +51,9 @@ class Resources:
     def describe(self) -> str:
         pool = str(self.replicas) if self.max_replicas == self.replicas else f"{self.replicas}-{self.max_replicas}"
         device = f"{self.gpus_per_replica:g} GPU" if self.gpus_per_replica else f"CPU, {self.cpu_threads} threads"
-        return f"{pool} model replicas ({device} each), up to {self.tokenizers} tokenizers"
+        replicas = "model replica" + ("" if self.max_replicas == 1 else "s")
+        tokenizers = "tokenizer" + ("" if self.tokenizers == 1 else "s")
+        return f"{pool} {replicas} ({device} each), up to {self.tokenizers} {tokenizers}"
 
 
 def ensure_ray() -> None:

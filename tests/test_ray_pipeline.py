@@ -10,12 +10,13 @@ def test_cpu_only_cluster_runs_one_cpu_replica_with_every_core():
     plan = plan_resources(ComputeConfig(), {"CPU": 2.0})
     assert (plan.replicas, plan.max_replicas, plan.gpus_per_replica) == (1, 1, 0)
     assert plan.cpu_threads == 2 and plan.tokenizers == 1
-    assert plan.describe() == "1 model replicas (CPU, 2 threads each), up to 1 tokenizers"
+    assert plan.describe() == "1 model replica (CPU, 2 threads each), up to 1 tokenizer"
 
 
 def test_gpu_cluster_gets_one_replica_per_gpu_and_the_spare_cores_tokenize():
     plan = plan_resources(ComputeConfig(), {"CPU": 16.0, "GPU": 4.0})
     assert (plan.replicas, plan.max_replicas, plan.gpus_per_replica, plan.cpu_threads) == (4, 4, 1, None)
+    assert plan.describe() == "4 model replicas (1 GPU each), up to 11 tokenizers"
     assert plan.tokenizers == 11  # 16 CPUs - 4 replicas - the read and write tasks' half CPU
     assert plan_resources(ComputeConfig(gpus_per_replica=0.5), {"CPU": 16.0, "GPU": 2.0}).replicas == 4
 
