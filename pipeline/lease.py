@@ -5,11 +5,12 @@ files without a commit record could delete a file the other is about to commit. 
 make that easy (a RayCronJob starts a run per tick whether or not the last one ended), so a run
 takes `_manifest/lease.json` first and renews it every RENEW_S seconds.
 
-A lease found in place is alive while its `renewed` stamp keeps changing. Its holder is dead when
-it is a process of this host that no longer exists, when its stamp is far older than the TTL,
-or when the stamp stays still for TTL_S of watching it (measured on this host's clock, so clocks
-of different hosts never need to agree). Object storage has no create-if-absent here, so two
-runs starting in the same second could both win; the read-back after writing narrows that window.
+A lease found in place is alive while its `renewed` stamp keeps changing. A holder on this host
+is dead when its process no longer exists or its stamp is older than TTL_S (one clock). A holder
+on another host is dead when its stamp is far older than the TTL, or stays still for TTL_S of
+watching it (measured on this host's clock, so clocks of different hosts never need to agree).
+Object storage has no create-if-absent here, so two runs starting in the same second could both
+win; the read-back after writing narrows that window.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ class Lease:
         self.release()
 
     def _gone(self, other: Holder, note: Callable[[str], None]) -> bool:
-        if other.host == self.holder.host:
-            return not psutil.pid_exists(other.pid) or other.pid == self.holder.pid
+        if other.host == self.holder.host:  # one clock, so the stamp's age is exact; a pid may be reused
+            stale = time.time() - other.renewed > self.ttl
+            return other.pid == self.holder.pid or not psutil.pid_exists(other.pid) or stale
         if time.time() - other.renewed > 10 * self.ttl:
             return True
         note(f"strata: the output has a lease of {other.describe()}; checking for up to {self.ttl:.0f} s "

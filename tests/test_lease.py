@@ -47,6 +47,11 @@ def test_a_live_process_of_this_host_keeps_the_output(tmp_path):
         holder._write(time.time())
         with pytest.raises(OutputBusy, match=f"another run .process {live.pid} on "):
             Lease(location(tmp_path)).acquire()
+        holder._write(time.time() - 120)  # its process lives, but it stopped renewing: a reused pid
+        with Lease(location(tmp_path)) as lease:
+            lease.acquire()
+            assert holder_of(tmp_path)["token"] == lease.holder.token
+        holder._write(time.time())
     finally:
         live.kill()
         live.wait()
