@@ -67,6 +67,7 @@ def validate(config: str = typer.Argument(..., help="YAML config file"), overrid
 def status(output_uri: str = typer.Argument(..., help="Output location of a run"),
            as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON")):
     """Progress and totals of a run, read from its manifest."""
+    from pipeline.lease import current_holder
     from pipeline.manifest import Manifest
     from pipeline.storage import Location
 
@@ -76,8 +77,11 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
         raise StrataError(f"{output_uri} holds no strata run (no _manifest/run.json)")
     records = manifest.records()
     failures = manifest.failures()
+    holder = current_holder(manifest.location)
     report = {
         "output": output_uri,
+        "running": None if holder is None else f"{holder.describe()}; lease renewed "
+                                               f"{max(time.time() - holder.renewed, 0):,.0f} s ago",
         "fingerprint": run_info["fingerprint"],
         "model": run_info["model"]["name"],
         "fragments_planned": run_info["plan"]["fragments"],
@@ -99,7 +103,7 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
     table = Table(title=f"strata status: {output_uri}", show_header=False)
     for key, value in report.items():
         if key not in ("last_run", "failures"):
-            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value or "-"))
     out.print(table)
     if failures:
         failed = Table("fragment / shard", "source", "rows", "reason", title="failed in the last run (a rerun retries them)")

@@ -118,9 +118,14 @@ class Lease:
         self.location.write_bytes(json.dumps(asdict(holder)).encode(), LEASE_FILE)
 
     def _read(self) -> Holder | None:
-        if not self.location.exists(LEASE_FILE):
-            return None
-        try:
-            return Holder(**json.loads(self.location.read_bytes(LEASE_FILE)))
-        except (ValueError, TypeError, FileNotFoundError):  # half-written or just removed
-            return None
+        return current_holder(self.location)
+
+
+def current_holder(location: Location) -> Holder | None:
+    """Who holds the output's lease now, if anyone (a run that died may still hold it, for a while)."""
+    if not location.exists(LEASE_FILE):
+        return None
+    try:
+        return Holder(**json.loads(location.read_bytes(LEASE_FILE)))
+    except (ValueError, TypeError, FileNotFoundError):  # half-written or just removed
+        return None

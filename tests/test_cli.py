@@ -86,5 +86,6 @@ def test_run_then_status(tmp_path):
     report = json.loads(status.stdout)
     assert report["fragments_committed"] == report["fragments_planned"] == 3
     assert report["docs"] == 150 and report["fragments_pending"] == 0
+    assert report["running"] is None  # the run gave its lease back
     table = strata("status", str(tmp_path / "out"))
     assert "fragments_committed" in table.stdout and "150" in table.stdout

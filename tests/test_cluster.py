@@ -185,6 +185,8 @@ def test_stopped_job_resubmitted_finishes_exactly_once(ray_head, tmp_path):
         time.sleep(0.2)
     assert list(commits.glob("*.json")), "the first job committed nothing in 120 s"
 
+    running = json.loads(strata("status", str(output), "--json").stdout)["running"]
+    assert running.startswith("process ") and "lease renewed" in running  # the job's driver holds the output
     # a second job on the same output while the first runs would redo its fragments: refused
     assert_one_line_error(strata("submit", str(config), "--address", ray_head.address), job_id, "stop it first")
 
