@@ -58,8 +58,24 @@ def schema_errors(document: dict) -> list[str]:
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(document)]
 
 
-def documents() -> list[tuple[str, dict]]:
+def kubernetes_documents() -> list[tuple[str, dict]]:
     return [(path.name, doc) for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def documents() -> list[tuple[str, dict]]:
+    """The KubeRay resources: the manifests' own, and RayJob templates that a ConfigMap holds."""
+    found = []
+    for name, doc in kubernetes_documents():
+        if doc["kind"] == "ConfigMap":
+            found += [(f"{name}:{key}", inner) for key, text in doc["data"].items() if key.endswith(".yaml")
+                      for inner in yaml.safe_load_all(text)]
+        elif doc["apiVersion"].startswith("ray.io/"):
+            found.append((name, doc))
+    return found
+
+
+def by_kind(kind: str) -> dict:
+    return {doc["metadata"]["name"]: doc for _, doc in kubernetes_documents() if doc["kind"] == kind}
 
 
 def dockerfile_ray_version() -> str:
@@ -78,14 +94,14 @@ def cluster_specs(doc: dict) -> list[dict]:
 
 
 def test_every_kind_is_shipped():
-    assert sorted(doc["kind"] for _, doc in documents()) == ["RayCluster", "RayCronJob", "RayJob"]
+    assert sorted(doc["kind"] for _, doc in documents()) == ["RayCluster", "RayCronJob", "RayJob", "RayJob"]
 
 
 @pytest.mark.parametrize("name, doc", documents(), ids=lambda v: v if isinstance(v, str) else "")
 def test_manifest_is_valid_against_the_kuberay_crd(name, doc):
     assert doc["apiVersion"] == "ray.io/v1"
     assert schema_errors(doc) == []
-    metadata_name = doc["metadata"]["name"]
+    metadata_name = doc["metadata"].get("name") or doc["metadata"]["generateName"] + "x1y2z"  # + 5 random
     assert len(metadata_name) <= MAX_NAME[doc["kind"]] and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", metadata_name)
     for job in job_specs(doc):
         if job.get("ttlSecondsAfterFinished", 0) > 0:
@@ -94,7 +110,7 @@ def test_manifest_is_valid_against_the_kuberay_crd(name, doc):
 
 
 def test_the_strict_schema_catches_misspelt_and_mistyped_fields():
-    _, job = next((n, d) for n, d in documents() if d["kind"] == "RayJob")
+    job = next(d for n, d in documents() if d["kind"] == "RayJob")
     misspelt = copy.deepcopy(job)
     misspelt["spec"]["shutdownAfterJobFinish"] = misspelt["spec"].pop("shutdownAfterJobFinishes")
     assert any("shutdownAfterJobFinish" in e for e in schema_errors(misspelt))
@@ -148,5 +164,30 @@ def test_entrypoints_exist_and_their_configs_load(name, doc):
         loaded = load_config(ROOT / config.removeprefix("/home/ray/strata/"), overrides)
         assert loaded.output.uri.startswith("s3://") and loaded.input.uri.startswith("s3://")
         assert loaded.compute.max_replicas is not None  # the GPU group autoscales
-    expected = "scheduled.py" if doc["kind"] == "RayCronJob" else "embed.py"
+    expected = "scheduled.py" if doc["kind"] == "RayCronJob" or "generateName" in doc["metadata"] else "embed.py"
     assert all(shlex.split(job["entrypoint"])[1].endswith(expected) for job in job_specs(doc))
+
+
+def test_cronjob_fallback_creates_the_scheduled_rayjob_with_just_enough_rights():
+    """Where RayCronJob is unavailable, a CronJob's pod `kubectl create`s the RayJob template."""
+    cronjob = by_kind("CronJob")["strata-nightly"]
+    assert cronjob["apiVersion"] == "batch/v1" and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    ray_cronjob = next(d for _, d in documents() if d["kind"] == "RayCronJob")
+    assert cronjob["spec"]["schedule"] == ray_cronjob["spec"]["schedule"]  # the same nightly slot either way
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    container = pod["containers"][0]
+    command = container["command"]
+    assert command[:3] == ["kubectl", "create", "-f"]  # create, not apply: apply cannot use generateName
+    mount = next(m for m in container["volumeMounts"] if command[3].startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    template = by_kind("ConfigMap")[volume["configMap"]["name"]]["data"][command[3].rsplit("/", 1)[1]]
+    assert yaml.safe_load(template)["kind"] == "RayJob" and "generateName" in yaml.safe_load(template)["metadata"]
+
+    account = pod["serviceAccountName"]
+    assert account in by_kind("ServiceAccount")
+    binding = next(b for b in by_kind("RoleBinding").values()
+                   if {"kind": "ServiceAccount", "name": account} in b["subjects"])
+    role = by_kind("Role")[binding["roleRef"]["name"]]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}]
