@@ -62,13 +62,19 @@ class JobSummary:
 
 
 def job_server_url(address: str | None) -> str:
-    """`--address`, else Ray's own variables (`RAY_API_SERVER_ADDRESS`, then `RAY_ADDRESS`), as an http URL."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    """`--address`, else Ray's own variables (`RAY_API_SERVER_ADDRESS`, then `RAY_ADDRESS` when it
+    is an http URL: for `ray.init` it usually names the GCS instead), as an http URL."""
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or (ray_address if "http" in ray_address else None)
     if not address:
         raise JobError("no Ray job server given: pass --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)")
     if "://" not in address:
         address = f"http://{address}"
     parts = urlsplit(address)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = parts._replace(netloc="")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise JobError(f"--address {address}: expected the head's job server as http://HOST:8265 "
                        "(ray:// is Ray Client and HOST:6379 is the GCS, neither takes jobs)")

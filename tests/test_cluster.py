@@ -218,3 +218,22 @@ def test_submit_checks_the_config_before_the_cluster(tmp_path):
                        compute={"replicas": 2, "max_replicas": 1})
     assert_one_line_error(strata("submit", str(bad), "--address", "http://127.0.0.1:1"),
                           "max_replicas (1) is below compute.replicas (2)")
+
+
+def test_job_server_address_from_the_flag_or_rays_variables(monkeypatch):
+    from pipeline.cluster import JobError, job_server_url
+
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert job_server_url("127.0.0.1:8265") == "http://127.0.0.1:8265"
+    assert job_server_url("https://head.example/") == "https://head.example"
+    for bad in ("ray://head:10001", "http://head:port", "http://"):
+        with pytest.raises(JobError, match="expected the head's job server"):
+            job_server_url(bad)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what ray.init reads: a GCS, not a job server
+    with pytest.raises(JobError, match="no Ray job server given"):
+        job_server_url(None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert job_server_url(None) == "http://head:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://api:8265")
+    assert job_server_url(None) == "http://api:8265" and job_server_url("http://flag:1") == "http://flag:1"
