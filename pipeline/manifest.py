@@ -18,6 +18,7 @@ from pipeline.errors import OutputError, one_line
 from pipeline.storage import TEMP_PREFIX, Location
 
 RUN_FILE = "_manifest/run.json"
+SHARDS_FILE = "_manifest/shards.json"  # {source: version} of the shards as the committed fragments read them
 FRAGMENTS_DIR = "_manifest/fragments"
 FAILURES_DIR = "_manifest/failures"
 ATTEMPTS_DIR = "_manifest/attempts"  # one empty object per start of a fragment's embedding, this run
@@ -80,6 +81,15 @@ class Manifest:
                 "use a new output.uri, or delete the old output to start over"
             )
         return previous
+
+    def shard_versions(self) -> dict[str, str]:
+        if not self.location.exists(SHARDS_FILE):
+            return {}  # an output made before strata recorded versions
+        return json.loads(self.location.read_bytes(SHARDS_FILE))
+
+    def record_shard_versions(self, versions: dict[str, str]) -> None:
+        """Remember the versions this run reads; shards it cannot read today keep their old entry."""
+        self.location.write_bytes(json.dumps({**self.shard_versions(), **versions}, indent=0).encode(), SHARDS_FILE)
 
     def committed(self) -> set[str]:
         return {n.removesuffix(".json") for n in self.location.list_names(FRAGMENTS_DIR) if n.endswith(".json")}

@@ -146,6 +146,7 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     committed = manifest.committed()
     _check_input_unchanged(plan, manifest, committed)
     manifest.begin(run_info)
+    manifest.record_shard_versions({f.shard.source: f.shard.version for f in plan.fragments})
     manifest.clear_failures()  # this run retries them
     if plan.skipped:
         names = ", ".join(plan.skipped[:5]) + (", ..." if len(plan.skipped) > 5 else "")
@@ -178,18 +179,24 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
 
 
 def _check_input_unchanged(plan: Plan, manifest: Manifest, committed: set[str]) -> None:
-    """Committed fragments the plan no longer has mean a shard shrank, grew or vanished since the
-    output was made: its old rows would stay beside the new ones, so refuse. (A shard that merely
-    cannot be read today is not a change: its committed rows stay.)"""
+    """Refuse a rerun over shards that changed under committed fragments: their old rows would
+    stay beside (or instead of) the new ones. A shard changed when its version (size + ETag or
+    mtime) differs from the one recorded, or when committed fragments are no longer in the plan
+    (rows added or removed, the shard deleted). A shard that merely cannot be read today is not a
+    change. New shards are fine: they only add fragments."""
     unreadable = {failure.source for failure in plan.bad_shards}
-    stale = [record for record in manifest.records(committed - {f.id for f in plan.fragments})
-             if record.source not in unreadable]
-    if stale:
-        shards = sorted({record.source for record in stale})
+    recorded = manifest.shard_versions()
+    edited = {f.shard.source for f in plan.fragments if f.id in committed
+              and recorded.get(f.shard.source) and f.shard.version and recorded[f.shard.source] != f.shard.version}
+    gone = [record.source for record in manifest.records(committed - {f.id for f in plan.fragments})
+            if record.source not in unreadable]
+    changed = sorted(edited | set(gone))
+    if changed:
         raise InputError(
-            f"the input changed since {plan.config.output.uri} was made: {_count_of(len(stale), 'committed fragment')} "
-            f"of {_count_of(len(shards), 'shard')} ({shards[0]}, rows {stale[0].start}-{stale[0].end}) no longer "
-            "match the input's rows; embed the changed corpus into a new output.uri")
+            f"the input changed since {plan.config.output.uri} was made: {_count_of(len(changed), 'shard')} with "
+            f"committed fragments {'was' if len(changed) == 1 else 'were'} edited, grew, shrank or vanished "
+            f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); embed the changed corpus into a new "
+            "output.uri")
 
 
 def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,

@@ -35,6 +35,7 @@ class Shard:
     format: str  # jsonl | parquet | text
     compression: str | None
     size: int
+    version: str = ""  # changes when the file does: size plus ETag (object storage) or mtime (local)
 
 
 @dataclass
@@ -85,13 +86,22 @@ def list_shards(cfg: InputConfig, storage: StorageConfig | None = None,
             if skipped is not None:
                 skipped.append(rel)
             continue
-        shards.append(Shard(name, rel, fmt, compression, int(info.get("size") or 0)))
+        shards.append(Shard(name, rel, fmt, compression, int(info.get("size") or 0), file_version(info)))
     if not shards:
         raise InputError(
             f"input.uri {cfg.uri!r} holds no corpus files (.jsonl[.gz|.zst], .parquet, .txt); "
             "check the path or set input.format"
         )
     return sorted(shards, key=lambda s: s.source)
+
+
+def file_version(info: dict) -> str:
+    """What changes when a file changes, from its listing alone: size plus the store's change
+    marker (ETag on S3, generation or md5 on GCS, mtime on local disks and HDFS)."""
+    for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified"):
+        if info.get(key) not in (None, ""):
+            return f"{info.get('size')}:{info[key]}"
+    return ""  # a store that says nothing: changes go unnoticed, as before
 
 
 def _list(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[dict] | None, str]:

@@ -84,7 +84,7 @@ def _wait_for_job_server(address: str, head: subprocess.Popen, log: Path) -> Non
 
 
 def _stop_head(head: subprocess.Popen, temp: str) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):  # a throwaway head: no need to drain
         try:
             os.killpg(head.pid, sig)
             head.wait(wait)

@@ -180,14 +180,22 @@ def test_rerun_embeds_new_shards_and_refuses_changed_ones(ray_cluster, tmp_path)
     assert sorted(read_output(out).column("id").to_pylist()) == sorted(
         json.loads(line)["id"] for line in lines[:11] + lines[40:46])
     assert run(config(corpus, out))["docs_this_run"] == 0
-    before = (out / "_manifest" / "run.json").read_text()
+    before = (out / "_manifest" / "run.json").read_text(), (out / "_manifest" / "shards.json").read_text()
+    refused = r"input changed .* 1 shard with committed fragments was edited, grew, shrank or vanished \(s1.jsonl\)"
+    original = (corpus / "s1.jsonl").read_text()
+    edited = original.replace(json.loads(original.splitlines()[2])["text"][:20], "an edited opening....", 1)
+    assert len(edited.splitlines()) == len(original.splitlines())
+    (corpus / "s1.jsonl").write_text(edited)  # same rows, other text: only the shard's version tells
+    with pytest.raises(InputError, match=refused):
+        run(config(corpus, out))
     with (corpus / "s1.jsonl").open("a") as shard:  # rows appended: its last fragment is cut anew
         shard.write(lines[50] + "\n")
-    with pytest.raises(InputError, match=r"input changed .* 1 committed fragment of 1 shard \(s1.jsonl, rows 0-4\)"):
+    with pytest.raises(InputError, match=refused):
         run(config(corpus, out))
-    assert (out / "_manifest" / "run.json").read_text() == before  # a refused run leaves the output as it was
+    after = (out / "_manifest" / "run.json").read_text(), (out / "_manifest" / "shards.json").read_text()
+    assert after == before  # a refused run leaves the output as it was
     (corpus / "s1.jsonl").unlink()
-    with pytest.raises(InputError, match=r"input changed .* 1 committed fragment of 1 shard \(s1.jsonl"):
+    with pytest.raises(InputError, match=refused):
         run(config(corpus, out))
 
 
