@@ -63,15 +63,8 @@ class Manifest:
     def write_run(self, run: dict) -> None:
         self.location.write_bytes(json.dumps(run, indent=2).encode(), RUN_FILE)
 
-    def begin(self, run: dict) -> None:
-        """Claim the output for this run, or refuse if it holds a run with other settings."""
-        previous = self.check_settings(run)
-        if previous and "summary" in previous:
-            run = {**run, "summary": previous["summary"]}
-        self.write_run(run)
-
     def check_settings(self, run: dict) -> dict | None:
-        """Refuse an output made with other settings; returns its run record, if any."""
+        """Refuse an output made with other settings; returns its run record, if any (for `begin`)."""
         previous = self.read_run()
         if previous and previous.get("fingerprint") != run["fingerprint"]:
             changes = identity_changes(previous.get("identity", {}), run["identity"])[:3]
@@ -81,6 +74,13 @@ class Manifest:
                 "use a new output.uri, or delete the old output to start over"
             )
         return previous
+
+    def begin(self, run: dict, previous: dict | None) -> None:
+        """Claim the output for this run, once `check_settings` passed; the last summary stays until
+        this run writes its own."""
+        if previous and "summary" in previous:
+            run = {**run, "summary": previous["summary"]}
+        self.write_run(run)
 
     def shard_versions(self) -> dict[str, str]:
         if not self.location.exists(SHARDS_FILE):

@@ -142,10 +142,10 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     plan = make_plan(config, resolved)
     manifest = Manifest(location)
     run_info = run_record(plan)
-    manifest.check_settings(run_info)
+    previous = manifest.check_settings(run_info)
     committed = manifest.committed()
     _check_input_unchanged(plan, manifest, committed)
-    manifest.begin(run_info)
+    manifest.begin(run_info, previous)
     manifest.record_shard_versions({f.shard.source: f.shard.version for f in plan.fragments})
     manifest.clear_failures()  # this run retries them
     if plan.skipped:
