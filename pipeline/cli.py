@@ -1,7 +1,8 @@
 """The `strata` command: parses arguments and calls the library; user errors become one line.
 
-    strata run CONFIG.yaml [--set key.path=value ...]
+    strata run CONFIG.yaml [--set key.path=value ...] [--incremental]
     strata status OUTPUT_URI [--json]
+    strata gc OUTPUT_URI --keep N [--dry-run]
     strata validate CONFIG.yaml [--set ...]
     strata bench [--corpus FILE] [--docs N] [--model minilm|bert-base|FOLDER ...] [--json FILE]
     strata submit CONFIG.yaml --address http://HEAD:8265 [--follow] [--set ...]
@@ -39,10 +40,13 @@ app.add_typer(jobs_app, name="jobs")
 @app.command()
 def run(config: str = typer.Argument(..., help="YAML config file"), overrides: Optional[list[str]] = SetOption,
         if_free: bool = typer.Option(False, "--if-free", help="Exit 0 without running when another run holds the "
-                                                              "output (for schedules)")):
+                                                              "output (for schedules)"),
+        incremental: bool = typer.Option(False, "--incremental", help="Publish a new version of the output that "
+                                                                      "embeds only what changed (run.mode: incremental)")):
     """Embed the corpus; resumes where an earlier run of the same output stopped."""
     from pipeline import runner
 
+    overrides = [*(overrides or []), *(["run.mode=incremental"] if incremental else [])]
     runner.run(load_config(config, overrides), console=err, if_free=if_free)
 
 
@@ -66,7 +70,8 @@ def validate(config: str = typer.Argument(..., help="YAML config file"), overrid
 @app.command()
 def status(output_uri: str = typer.Argument(..., help="Output location of a run"),
            as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON")):
-    """Progress and totals of a run, read from its manifest."""
+    """Versions, progress and totals of an output, read from its manifest."""
+    from pipeline import versions
     from pipeline.lease import current_holder
     from pipeline.manifest import Manifest
     from pipeline.storage import Location
@@ -75,25 +80,30 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
     run_info = manifest.read_run()
     if run_info is None:
         raise StrataError(f"{output_uri} holds no strata run (no _manifest/run.json)")
-    records = manifest.records()
+    plan = run_info["plan"]
+    records = [r for r in manifest.records() if r.version == plan.get("version", 1)]
+    snapshots = [versions.read_snapshot(manifest.location, v) for v in versions.list_versions(manifest.location)]
+    totals = snapshots[-1].counts if snapshots else {
+        key: sum(getattr(r, key) for r in records) for key in ("docs", "quarantined", "blank", "tokens")}
     failures = manifest.failures()
     holder = current_holder(manifest.location)
+    committed = plan.get("carried_fragments", 0) + len(records)
     report = {
         "output": output_uri,
         "running": None if holder is None else f"{holder.describe()}; lease renewed "
                                                f"{max(time.time() - holder.renewed, 0):,.0f} s ago",
+        "current_version": snapshots[-1].version if snapshots else None,
         "fingerprint": run_info["fingerprint"],
         "model": run_info["model"]["name"],
-        "fragments_planned": run_info["plan"]["fragments"],
-        "fragments_committed": len(records),
-        "fragments_pending": max(run_info["plan"]["fragments"] - len(records), 0),
+        "last_run_version": plan.get("version", 1),
+        "fragments_planned": plan["fragments"],
+        "fragments_committed": committed,
+        "fragments_pending": max(plan["fragments"] - committed, 0),
         "fragments_failed": sum(1 for f in failures if f.rows is not None),
         "shards_failed": sum(1 for f in failures if f.rows is None),
-        "rows_planned": run_info["plan"]["rows"],
-        "docs": sum(r.docs for r in records),
-        "quarantined": sum(r.quarantined for r in records),
-        "blank": sum(r.blank for r in records),
-        "tokens": sum(r.tokens for r in records),
+        "rows_planned": plan["rows"],
+        **{key: totals[key] for key in ("docs", "quarantined", "blank", "tokens")},
+        "versions": [{"version": s.version, "created": s.created, "kind": s.kind, **s.counts} for s in snapshots],
         "last_run": run_info.get("summary"),
         "failures": [asdict(f) for f in failures],
     }
@@ -102,14 +112,44 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
         return
     table = Table(title=f"strata status: {output_uri}", show_header=False)
     for key, value in report.items():
-        if key not in ("last_run", "failures"):
+        if key not in ("last_run", "failures", "versions"):
             table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value or "-"))
     out.print(table)
+    if snapshots:
+        out.print(versions_table(report["versions"]))
     if failures:
         failed = Table("fragment / shard", "source", "rows", "reason", title="failed in the last run (a rerun retries them)")
         for f in failures:
             failed.add_row(f.fragment, f.source, "?" if f.rows is None else f"{f.rows:,}", f.reason)
         out.print(failed)
+
+
+def versions_table(rows: list[dict]) -> Table:
+    columns = ("docs", "embedded", "added", "changed", "deleted", "carried", "quarantined")
+    table = Table("version", Column("created (UTC)", no_wrap=True), "kind",
+                  *(Column(c, justify="right") for c in columns), title="published versions (newest is current)")
+    for row in rows:
+        table.add_row(str(row["version"]), row["created"].replace("T", " ").rstrip("Z"), row["kind"],
+                      *(f"{row[c]:,}" for c in columns))
+    return table
+
+
+@app.command()
+def gc(output_uri: str = typer.Argument(..., help="Output location"),
+       keep: int = typer.Option(..., "--keep", min=1, help="How many of the newest versions stay readable"),
+       dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed")):
+    """Remove old versions of an output and the files that only they use."""
+    from pipeline import versions
+    from pipeline.storage import Location
+
+    done = versions.collect_garbage(Location.from_uri(output_uri), keep, dry_run)
+    files = sum(len(r.files) for r in done.fragments)
+    verb = "would remove" if dry_run else "removed"
+    if not done.versions:
+        err.print(f"nothing to remove: {output_uri} holds no more than {keep} versions", markup=False, highlight=False)
+        return
+    err.print(f"{verb} versions {', '.join(map(str, done.versions))}: {len(done.fragments):,} fragments, "
+              f"{files:,} data files no kept version uses", markup=False, highlight=False)
 
 
 @app.command()

@@ -193,6 +193,9 @@ class StorageConfig(_Strict):
 
 class RunConfig(_Strict):
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Share of docs that may be quarantined")
+    mode: Literal["once", "incremental"] = Field(
+        "once", description="once = the output embeds the input once (version 1; a rerun resumes it and refuses a "
+        "changed input); incremental = each run publishes a new version, embedding only what changed")
 
 
 class StrataConfig(_Strict):

@@ -4,6 +4,8 @@
                                                creates it, then kills its own worker process
     STRATA_FAULT=kill-embed-at:ROW             every embed call for the fragment starting at
                                                input row ROW kills its worker process
+    STRATA_FAULT=kill-run-at:N                 the driver kills itself once N fragments were
+                                               committed in this run (a run dying mid-version)
 
 The kill lands after the fragment's forward passes and before anything is written, the way a
 kernel OOM kill, a segfault in native code or a lost spot node hits a real run.
@@ -16,6 +18,8 @@ import signal
 
 
 def maybe_kill(step: str, start_row: int) -> None:
+    """Kill this process when STRATA_FAULT names this step and `start_row` (a fragment's first
+    row, or for the run a count of commits)."""
     kind, _, marker = os.environ.get("STRATA_FAULT", "").partition(":")
     if kind == f"kill-{step}-at" and int(marker) == start_row:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,9 +1,11 @@
 """The work unit: fragments (shard, row range) planned on the driver, and how a fragment's
 tables travel between pipeline stages.
 
-A fragment's id depends only on its shard's relative path and its row range, so the same input
-always plans the same fragments and a retried fragment rewrites the same file names. The
-driver keeps one small `Fragment` per work unit and never per-document state.
+A fragment's id depends only on its shard's relative path, its row range and a salt (the
+shard's version, the settings and the output version the fragment belongs to), so the same
+input always plans the same fragments and a retried fragment rewrites the same file names,
+while an edited shard or a new version never reuses the name of a file an older version reads.
+The driver keeps one small `Fragment` per work unit and never per-document state.
 """
 
 from __future__ import annotations
@@ -40,20 +42,25 @@ class Fragment:
         return cls(raw["id"], Shard(**raw["shard"]), raw["start"], raw["end"])
 
 
-def fragment_id(source: str, start: int, end: int) -> str:
-    """Readable, path-safe and unique: `<shard stem>-<start>-<hash of source and range>`."""
-    stem = _UNSAFE.sub("_", source.rsplit("/", 1)[-1]).strip("._")[:40] or "shard"
-    digest = hashlib.sha256(f"{source}\0{start}\0{end}".encode()).hexdigest()[:12]
-    return f"{stem}-{start:09d}-{digest}"
+def fragment_id(source: str, start: int, end: int, salt: str = "") -> str:
+    """Readable, path-safe and unique: `<shard stem>-<start>-<hash of source, range and salt>`."""
+    digest = hashlib.sha256(f"{source}\0{start}\0{end}\0{salt}".encode()).hexdigest()[:12]
+    return f"{safe_stem(source)}-{start:09d}-{digest}"
 
 
-def plan_fragments(shards_with_rows: list[tuple[Shard, int]], fragment_docs: int) -> list[Fragment]:
-    """Cut every shard into consecutive row ranges of `fragment_docs` rows (the last may be shorter)."""
+def safe_stem(source: str) -> str:
+    """A shard's file name as a path-safe word, for the names of files made from it."""
+    return _UNSAFE.sub("_", source.rsplit("/", 1)[-1]).strip("._")[:40] or "shard"
+
+
+def plan_fragments(shards_with_rows: list[tuple[Shard, int]], fragment_docs: int, salt: str = "") -> list[Fragment]:
+    """Cut every shard into consecutive row ranges of `fragment_docs` rows (the last may be
+    shorter). The shard's version joins `salt` in the ids: an edited shard plans new fragments."""
     fragments = []
     for shard, rows in shards_with_rows:
         for start in range(0, rows, fragment_docs):
             end = min(start + fragment_docs, rows)
-            fragments.append(Fragment(fragment_id(shard.source, start, end), shard, start, end))
+            fragments.append(Fragment(fragment_id(shard.source, start, end, f"{shard.version}\0{salt}"), shard, start, end))
     return fragments
 
 

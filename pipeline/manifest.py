@@ -1,9 +1,11 @@
 """The manifest under OUTPUT/_manifest: the run's identity and one commit record per fragment.
 
 `run.json` holds the resolved config, its fingerprint, the model identity and the latest
-summary. `fragments/<id>.json` is written only after every data file of that fragment is in
-place: a fragment with a record is done, one without is recomputed. That is all resuming needs.
-`failures/<id>.json` says why the last run could not embed a fragment or a shard.
+summary. `fragments/<id>.json` is written only after every data file of that fragment (and its
+hash index, `hashes/<id>.parquet`) is in place: a fragment with a record is done, one without
+is recomputed. That is all resuming needs. `failures/<id>.json` says why the last run could
+not embed a fragment or a shard. Which committed fragments make up a published version is the
+business of `versions.py`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from pipeline.errors import OutputError, one_line
 from pipeline.storage import TEMP_PREFIX, Location
 
 RUN_FILE = "_manifest/run.json"
-SHARDS_FILE = "_manifest/shards.json"  # {source: version} of the shards as the committed fragments read them
 FRAGMENTS_DIR = "_manifest/fragments"
+HASHES_DIR = "_manifest/hashes"  # per fragment: id, content hash and row of each document in its data
 FAILURES_DIR = "_manifest/failures"
 ATTEMPTS_DIR = "_manifest/attempts"  # one empty object per start of a fragment's embedding, this run
 
@@ -32,13 +34,24 @@ class CommitRecord:
     end: int
     files: list[str]
     rows: int  # input rows in the range
-    docs: int  # rows embedded
+    docs: int  # documents in its data: embedded, plus carried from an older version
     quarantined: int
     blank: int
-    tokens: int
+    tokens: int  # n_tokens of every row in its data
     padded_tokens: int
     seconds: float
     quarantine_file: str | None = None
+    version: int = 1  # the output version it was made for
+    carried: int = 0  # of `docs`, unchanged documents whose rows were copied from an older version
+    carried_tokens: int = 0
+
+    @property
+    def embedded(self) -> int:
+        return self.docs - self.carried
+
+    @property
+    def embedded_tokens(self) -> int:
+        return self.tokens - self.carried_tokens
 
 
 @dataclass
@@ -82,17 +95,11 @@ class Manifest:
             run = {**run, "summary": previous["summary"]}
         self.write_run(run)
 
-    def shard_versions(self) -> dict[str, str]:
-        if not self.location.exists(SHARDS_FILE):
-            return {}  # an output made before strata recorded versions
-        return json.loads(self.location.read_bytes(SHARDS_FILE))
-
-    def record_shard_versions(self, versions: dict[str, str]) -> None:
-        """Remember the versions this run reads; shards it cannot read today keep their old entry."""
-        self.location.write_bytes(json.dumps({**self.shard_versions(), **versions}, indent=0).encode(), SHARDS_FILE)
-
     def committed(self) -> set[str]:
         return {n.removesuffix(".json") for n in self.location.list_names(FRAGMENTS_DIR) if n.endswith(".json")}
+
+    def record(self, fragment: str) -> CommitRecord:
+        return CommitRecord(**json.loads(self.location.read_bytes(FRAGMENTS_DIR, f"{fragment}.json")))
 
     def commit(self, record: CommitRecord) -> None:
         self.location.write_bytes(json.dumps(asdict(record)).encode(), FRAGMENTS_DIR, f"{record.fragment}.json")
@@ -129,7 +136,7 @@ class Manifest:
         """Delete data and quarantine files that no commit record accounts for (a run stopped
         between writing them and committing) and leftover temporary files, so that a reader of
         data/ never sees a document twice. Returns what was removed."""
-        candidates = self.location.find("data") + self.location.find("quarantine")
+        candidates = self.location.find("data") + self.location.find("quarantine") + self.location.find(HASHES_DIR)
         candidates += [f"{FRAGMENTS_DIR}/{name}" for name in self.location.list_names(FRAGMENTS_DIR)]
         removed = []
         for path in candidates:
@@ -140,12 +147,23 @@ class Manifest:
                 removed.append(path)
         return removed
 
+    def remove_fragments(self, records: list[CommitRecord]) -> int:
+        """Delete committed fragments: the record first (so a crash leaves files without a record,
+        which the next run removes), then data, quarantine and hash files. Returns files removed."""
+        removed = 0
+        for record in records:
+            self.location.remove(FRAGMENTS_DIR, f"{record.fragment}.json")
+            paths = [*record.files, *([record.quarantine_file] if record.quarantine_file else []),
+                     f"{HASHES_DIR}/{record.fragment}.parquet"]
+            for path in paths:
+                if self.location.exists(path):
+                    self.location.remove(path)
+                    removed += 1
+        return removed
+
     def records(self, fragment_ids: set[str] | None = None) -> list[CommitRecord]:
         """Commit records, of every committed fragment or of the given ones."""
-        return [
-            CommitRecord(**json.loads(self.location.read_bytes(FRAGMENTS_DIR, f"{fid}.json")))
-            for fid in sorted(self.committed() if fragment_ids is None else fragment_ids)
-        ]
+        return [self.record(fid) for fid in sorted(self.committed() if fragment_ids is None else fragment_ids)]
 
 
 def check_writable(location: Location) -> None:

@@ -36,11 +36,11 @@ class RunMetrics:
             self.fragments.inc(1, tags={**self.tags, "state": "failed"})
             return
         self.fragments.inc(1, tags={**self.tags, "state": "committed"})
-        for counter, value in ((self.docs, record.docs), (self.tokens, record.tokens),
+        for counter, value in ((self.docs, record.embedded), (self.tokens, record.embedded_tokens),
                                (self.quarantined, record.quarantined)):
             if value:
                 counter.inc(value, tags=self.tags)
-        self.tokens_so_far += record.tokens
+        self.tokens_so_far += record.embedded_tokens
         self.rows_remaining -= record.rows
         self.rate.set(self.tokens_so_far / max(time.monotonic() - self.started, 1e-9), tags=self.tags)
         self.remaining.set(max(self.rows_remaining, 0), tags=self.tags)

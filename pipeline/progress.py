@@ -44,7 +44,7 @@ class RunProgress:
 
     def update(self, record: CommitRecord) -> None:
         self.done += record.rows
-        self.tokens += record.tokens
+        self.tokens += record.embedded_tokens
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = f"{self.tokens / elapsed:,.0f} tokens/s"
         if self.bar:
@@ -61,8 +61,14 @@ class RunProgress:
 def summary_table(summary: dict) -> Table:
     table = Table(title="strata run summary", show_header=False)
     labels = [
+        ("version", "output version"),
         ("fragments", "fragments (done / planned)"),
-        ("docs", "documents embedded"),
+        ("docs", "documents in the version"),
+        ("docs_this_run", "documents embedded (this run)"),
+        ("added", "added since the last version"),
+        ("changed", "changed since the last version"),
+        ("deleted", "deleted since the last version"),
+        ("carried", "unchanged, carried forward"),
         ("quarantined", "documents quarantined"),
         ("blank", "blank lines skipped"),
         ("failed_fragments", "fragments failed (this run)"),
@@ -75,7 +81,7 @@ def summary_table(summary: dict) -> Table:
     ]
     for key, label in labels:
         value = summary.get(key)
-        if key.startswith("failed_") and not value:
+        if (key.startswith("failed_") and not value) or value is None:
             continue
         if isinstance(value, float):
             value = f"{value:.1%}" if key == "padding_share" else f"{value:,.1f}"

@@ -6,6 +6,9 @@
       → embed (actor pool of model replicas; GPU when present; one fragment per call)
       → write + commit (CPU tasks)
 
+and, before it in an incremental version, one task per changed shard that diffs it against the
+previous version (`run_diffs`).
+
 Ray Data owns scheduling and backpressure; this module only decides resources and converts
 between Arrow rows and payload dicts. Everything Ray-specific in strata lives here.
 """
@@ -25,6 +28,7 @@ from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up
 
 from pipeline.config import ComputeConfig
 from pipeline.fragments import Fragment
+from pipeline.incremental import DiffTask, diff_shard
 from pipeline.manifest import CommitRecord, FailureRecord
 from pipeline.model import local_model_path
 from pipeline.stages import Embed, JobSpec, Tokenize, read_shard, write_fragment
@@ -33,6 +37,7 @@ from pipeline.stages import Embed, JobSpec, Tokenize, read_shard, write_fragment
 # tokenizer and the I/O tasks are all scheduled at once instead of waiting on each other.
 IO_TASK_CPUS = 0.25  # read and write tasks mostly wait on storage
 TOKENIZER_CPUS = 0.5
+DIFF_TASK_CPUS = 0.5  # reads and hashes a whole shard
 # A dead actor (killed for memory, a native crash, a lost node) is restarted and its fragment
 # retried this many times; after that the run stops with the error and a rerun resumes.
 ACTOR_RETRIES = 2
@@ -134,6 +139,16 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
             yield kind(**json.loads(row["record"]))
 
 
+def run_diffs(tasks: list[DiffTask], job: JobSpec) -> Iterator[dict]:
+    """Diff each changed shard against the previous version, one task per shard (a task holds
+    one shard's hash index); yields each shard's counts as it finishes."""
+    diff = ray.remote(num_cpus=DIFF_TASK_CPUS, max_retries=ACTOR_RETRIES)(diff_shard)
+    pending = [diff.remote(task, job.input, job.output_uri, job.storage) for task in tasks]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
 def _one(batch: pa.Table) -> dict:
     return batch.to_pylist()[0]
 
@@ -144,7 +159,8 @@ def _table(payload: dict) -> pa.Table:
 
 def _read_step(batch: pa.Table, job: JobSpec) -> Iterator[pa.Table]:
     fragments = [Fragment.from_json(text) for text in json.loads(_one(batch)["fragments"])]
-    for payload in read_shard(fragments[0].shard, fragments, job.input, job.storage):
+    shard = fragments[0].shard
+    for payload in read_shard(shard, fragments, job.input, job.storage, job.changes_uri(shard.source)):
         yield _table(payload)
 
 

@@ -10,19 +10,22 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
 
-from pipeline.config import StrataConfig, fingerprint_of, redacted
+from pipeline import faults, versions
+from pipeline.changes import KINDS
+from pipeline.config import StrataConfig, fingerprint_of, identity_changes, redacted
 from pipeline.errors import InputError, StrataError, one_line
 from pipeline.fragments import Fragment, plan_fragments
+from pipeline.incremental import DiffTask, changes_name
 from pipeline.lease import Lease, OutputBusy
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest, check_writable
 from pipeline.model import ModelInfo, resolve_model
 from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, summary_table
-from pipeline.sources import count_rows, list_shards
+from pipeline.sources import Shard, count_rows, list_shards
 from pipeline.spec import EmbedSettings, ResolvedOutput, resolve_output
 from pipeline.stages import JobSpec
 from pipeline.storage import Location, open_fs
@@ -40,13 +43,19 @@ class Plan:
     config: StrataConfig
     model: ModelInfo
     outputs: tuple[ResolvedOutput, ...]
-    fragments: list[Fragment]
-    bad_shards: list[FailureRecord]  # shards that could not even be counted
+    fragments: list[Fragment]  # this version's own fragments (to embed, or committed by an interrupted run)
+    bad_shards: list[FailureRecord]  # shards that could not even be counted (or compared)
     skipped: list[str]  # files under input.uri that are not corpus files
+    version: int = 1
+    kind: str = "first"  # first | incremental | full (everything embedded again: the settings changed)
+    reason: str = ""  # why a full re-embed
+    carried: list[CommitRecord] = field(default_factory=list)  # the previous version's fragments of unchanged shards
+    shards: dict[str, str] = field(default_factory=dict)  # source -> version of every shard the version holds
+    changes: dict[str, int] | None = None  # added/changed/unchanged/deleted of the diffed shards (incremental)
 
     @property
     def total_rows(self) -> int:
-        return sum(f.rows for f in self.fragments)
+        return sum(f.rows for f in self.fragments) + sum(r.rows for r in self.carried)
 
     @property
     def identity(self) -> dict:
@@ -68,16 +77,28 @@ def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]
 
 
 def make_plan(config: StrataConfig, resolved: tuple[ModelInfo, tuple[ResolvedOutput, ...]] | None = None) -> Plan:
+    """Every shard counted and cut into fragments: the plan of a first version."""
     model, outputs = resolved or resolve(config)
     skipped: list[str] = []
     shards = list_shards(config.input, config.storage, skipped=skipped)
-    fs, _ = open_fs(config.input.uri, config.storage)
+    plan = Plan(config, model, outputs, [], [], skipped)
+    _count_and_cut(plan, shards)
+    return plan
+
+
+def _count_and_cut(plan: Plan, shards: list[Shard]) -> None:
+    fs, _ = open_fs(plan.config.input.uri, plan.config.storage)
     with ThreadPoolExecutor(COUNT_THREADS) as pool:
         counts = list(pool.map(lambda shard: _count(fs, shard), shards))
     good = [(shard, count) for shard, count in zip(shards, counts) if isinstance(count, int)]
-    bad = [FailureRecord(shard_failure_id(shard.source), shard.source, reason, None)
-           for shard, reason in zip(shards, counts) if isinstance(reason, str)]
-    return Plan(config, model, outputs, plan_fragments(good, config.batching.fragment_docs), bad, skipped)
+    plan.bad_shards += [FailureRecord(shard_failure_id(shard.source), shard.source, reason, None)
+                        for shard, reason in zip(shards, counts) if isinstance(reason, str)]
+    _cut(plan, good)
+
+
+def _cut(plan: Plan, good: list[tuple[Shard, int]]) -> None:
+    plan.fragments = plan_fragments(good, plan.config.batching.fragment_docs, f"{plan.fingerprint}\0{plan.version}")
+    plan.shards.update({shard.source: shard.version for shard, _ in good})
 
 
 def _count(fs, shard) -> int | str:
@@ -105,8 +126,8 @@ def run_record(plan: Plan) -> dict:
         "model": asdict(plan.model),
         "outputs": {o.name: {"layers": list(o.layers), "shape": list(o.vector_shape(hidden)),
                              "per": _unit(o, plan.config)} for o in plan.outputs},
-        "plan": {"fragments": len(plan.fragments), "rows": plan.total_rows,
-                 "shards": len({f.shard.source for f in plan.fragments})},
+        "plan": {"version": plan.version, "kind": plan.kind, "fragments": len(plan.fragments) + len(plan.carried),
+                 "carried_fragments": len(plan.carried), "rows": plan.total_rows, "shards": len(plan.shards)},
     }
 
 
@@ -137,40 +158,63 @@ def run(config: StrataConfig, console: Console | None = None, if_free: bool = Fa
         return _run_holding_the_output(config, resolved, location, console, started)
 
 
+def _say(console: Console, line: str) -> None:
+    console.print(f"strata: {line}", markup=False, highlight=False)
+
+
 def _run_holding_the_output(config: StrataConfig, resolved, location: Location, console: Console,
                             started: float) -> dict:
-    plan = make_plan(config, resolved)
     manifest = Manifest(location)
+    current = versions.read_snapshot(location)
+    skipped: list[str] = []
+    shards = list_shards(config.input, config.storage, skipped=skipped)
+    plan = Plan(config, *resolved, [], [], skipped)
+    previous_run = manifest.read_run()
+    if config.run.mode == "once":
+        manifest.check_settings(run_record(plan))
+    elif previous_run and previous_run.get("fingerprint") != plan.fingerprint and \
+            previous_run.get("plan", {}).get("version", 1) > (current.version if current else 0):
+        _say(console, f"abandoning the unfinished version {previous_run['plan']['version']}: it was made with "
+                      "other settings")
+    work, gone = _compare_with(plan, current, shards)
+    if current and not (work or gone or plan.kind == "full"):
+        return _nothing_to_do(plan, current, manifest, console, started)
+    if current and config.run.mode == "once":
+        changed = sorted([s.source for s in work] + gone)
+        raise InputError(
+            f"the input changed since version {current.version} of {config.output.uri} was published: "
+            f"{_count_of(len(changed), 'shard')} new, edited or deleted ({', '.join(changed[:3])}"
+            f"{', ...' if len(changed) > 3 else ''}); `strata run --incremental` embeds only what changed into "
+            f"version {current.version + 1}, or embed into a new output.uri")
+    if plan.kind == "incremental":
+        _diff_and_cut(plan, current, work, gone, console)
+    else:
+        _count_and_cut(plan, work)
     run_info = run_record(plan)
-    previous = manifest.check_settings(run_info)
-    committed = manifest.committed()
-    _check_input_unchanged(plan, manifest, committed)
-    manifest.begin(run_info, previous)
-    manifest.record_shard_versions({f.shard.source: f.shard.version for f in plan.fragments})
+    manifest.begin(run_info, previous_run)
     manifest.clear_failures()  # this run retries them
     if plan.skipped:
         names = ", ".join(plan.skipped[:5]) + (", ..." if len(plan.skipped) > 5 else "")
-        console.print(f"strata: ignoring {len(plan.skipped)} files that are not corpus files ({names})",
-                      markup=False, highlight=False)
+        _say(console, f"ignoring {len(plan.skipped)} files that are not corpus files ({names})")
     for failure in plan.bad_shards:
         manifest.fail(failure)
-        console.print(f"strata: skipping shard {failure.source}: {failure.reason}", markup=False, highlight=False)
+        _say(console, f"skipping shard {failure.source}: {failure.reason}")
+    committed = _clean_up(plan, manifest, console)
     pending = [f for f in plan.fragments if f.id not in committed]
-    removed = manifest.remove_uncommitted(committed)
-    if removed:
-        console.print(f"strata: removed {len(removed)} files an interrupted run left without a commit record")
-    console.print(
-        f"strata: {len(plan.fragments)} fragments planned over {run_info['plan']['shards']} shards "
-        f"({plan.total_rows:,} rows); {len(plan.fragments) - len(pending)} already committed, {len(pending)} to do"
-    )
+    _say(console, _plan_line(plan, current, len(pending)))
     this_run: list[CommitRecord] = []
     failed: list[FailureRecord] = list(plan.bad_shards)
     if pending:
         this_run, failed_fragments = _execute(plan, pending, manifest, console)
         failed += failed_fragments
     elif not plan.bad_shards:
-        console.print("strata: nothing to do, every fragment is committed")
-    summary = summarize(plan, manifest.records(), this_run, failed, time.monotonic() - started)
+        _say(console, "nothing to embed, every fragment is committed")
+    records = plan.carried + manifest.records({f.id for f in plan.fragments} & manifest.committed())
+    summary = summarize(plan, records, this_run, failed, time.monotonic() - started)
+    if not failed and len(records) == len(plan.fragments) + len(plan.carried):
+        versions.publish(location, _snapshot(plan, records))
+        summary["published"] = True
+        _say(console, f"published version {plan.version} of {config.output.uri}")
     manifest.write_run({**run_info, "summary": summary})
     console.print(summary_table(summary))
     _check_failures(failed, config.output.uri)
@@ -178,25 +222,126 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     return summary
 
 
-def _check_input_unchanged(plan: Plan, manifest: Manifest, committed: set[str]) -> None:
-    """Refuse a rerun over shards that changed under committed fragments: their old rows would
-    stay beside (or instead of) the new ones. A shard changed when its version (size + ETag or
-    mtime) differs from the one recorded, or when committed fragments are no longer in the plan
-    (rows added or removed, the shard deleted). A shard that merely cannot be read today is not a
-    change. New shards are fine: they only add fragments."""
-    unreadable = {failure.source for failure in plan.bad_shards}
-    recorded = manifest.shard_versions()
-    edited = {f.shard.source for f in plan.fragments if f.id in committed
-              and recorded.get(f.shard.source) and f.shard.version and recorded[f.shard.source] != f.shard.version}
-    gone = [record.source for record in manifest.records(committed - {f.id for f in plan.fragments})
-            if record.source not in unreadable]
-    changed = sorted(edited | set(gone))
-    if changed:
-        raise InputError(
-            f"the input changed since {plan.config.output.uri} was made: {_count_of(len(changed), 'shard')} with "
-            f"committed fragments {'was' if len(changed) == 1 else 'were'} edited, grew, shrank or vanished "
-            f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); embed the changed corpus into a new "
-            "output.uri")
+def _compare_with(plan: Plan, current: versions.Snapshot | None, shards: list[Shard]) -> tuple[list[Shard], list[str]]:
+    """Sets the plan's version, kind and carried fragments against the current version; returns
+    the shards to embed (new or changed; all of them without a comparable version) and the
+    sources of the current version that are gone from the input."""
+    if current is None:
+        return shards, []
+    plan.version = current.version + 1
+    if current.fingerprint != plan.fingerprint:
+        plan.kind = "full"
+        changes = identity_changes(current.identity, plan.identity)[:3]
+        plan.reason = "the settings changed: " + ("; ".join(changes) or f"fingerprint {current.fingerprint}")
+        return shards, []
+    plan.kind = "incremental"
+    unchanged = {s.source for s in shards if s.version and current.shards.get(s.source) == s.version}
+    plan.carried = [r for r in current.fragments if r.source in unchanged]
+    plan.shards = {source: current.shards[source] for source in unchanged}
+    listed = {s.source for s in shards}
+    return [s for s in shards if s.source not in unchanged], sorted(set(current.shards) - listed)
+
+
+def _diff_and_cut(plan: Plan, current: versions.Snapshot, work: list[Shard], gone: list[str], console: Console) -> None:
+    """Diff every new, changed or deleted shard against the current version (Ray tasks, one per
+    shard), then cut the shards that are still there into this version's fragments."""
+    from pipeline import ray_pipeline
+
+    old = {}
+    for record in current.fragments:
+        old.setdefault(record.source, []).append(record.fragment)
+    folder = versions.changes_dir(plan.version)
+    tasks = [DiffTask(source, shard, tuple(old.get(source, ())), f"{folder}/{changes_name(source)}")
+             for source, shard in [(s.source, s) for s in work] + [(source, None) for source in gone]]
+    if not tasks:
+        plan.changes = {kind: 0 for kind in KINDS}
+        return
+    ray_pipeline.ensure_ray()
+    _say(console, f"comparing {_count_of(len(tasks), 'shard')} with version {current.version}")
+    by_source = {s.source: s for s in work}
+    totals = {kind: 0 for kind in KINDS}
+    good = []
+    for result in ray_pipeline.run_diffs(tasks, _job(plan)):
+        if result["error"]:
+            plan.bad_shards.append(FailureRecord(shard_failure_id(result["source"]), result["source"],
+                                                 result["error"], None))
+            continue
+        for kind in KINDS:
+            totals[kind] += result[kind]
+        if result["source"] in by_source:
+            good.append((by_source[result["source"]], result["rows"]))
+    plan.changes = totals
+    _cut(plan, sorted(good, key=lambda pair: pair[0].source))
+
+
+def _clean_up(plan: Plan, manifest: Manifest, console: Console) -> set[str]:
+    """Remove what an interrupted run left: files without a commit record, and committed fragments
+    that neither this plan nor any published version lists (an abandoned unfinished version's, or
+    a shard's that changed again before its version was published). Returns the committed ids."""
+    committed = manifest.committed()
+    removed = manifest.remove_uncommitted(committed)
+    if removed:
+        _say(console, f"removed {len(removed)} files an interrupted run left without a commit record")
+    listed = {f.id for f in plan.fragments}
+    for version in versions.list_versions(manifest.location):
+        listed |= {r.fragment for r in versions.read_snapshot(manifest.location, version).fragments}
+    abandoned = committed - listed
+    if abandoned:
+        manifest.remove_fragments(manifest.records(abandoned))
+        _say(console, f"removed {_count_of(len(abandoned), 'fragment')} of an unfinished version that no longer "
+                      "matches the input or settings")
+    return committed - abandoned
+
+
+def _plan_line(plan: Plan, current: versions.Snapshot | None, pending: int) -> str:
+    total = len(plan.fragments) + len(plan.carried)
+    line = (f"version {plan.version}: {total} fragments over {len(plan.shards)} shards ({plan.total_rows:,} rows); "
+            + (f"{len(plan.carried)} carried from version {current.version}, " if plan.carried else "")
+            + f"{len(plan.fragments) - pending} already committed, {pending} to do")
+    if plan.kind == "full":
+        line += f"; embedding every document again: {plan.reason}"
+    elif plan.changes is not None:
+        c = plan.changes
+        line += (f"; since version {current.version}: {c['added']:,} added, {c['changed']:,} changed, "
+                 f"{c['deleted']:,} deleted, {c['unchanged']:,} unchanged in changed shards")
+    return line
+
+
+def _nothing_to_do(plan: Plan, current: versions.Snapshot, manifest: Manifest, console: Console,
+                   started: float) -> dict:
+    _say(console, f"version {current.version} is current: no shard changed since it was published; nothing to do")
+    plan.version, plan.carried, plan.shards = current.version, current.fragments, current.shards
+    summary = summarize(plan, current.fragments, [], [], time.monotonic() - started)
+    summary.update(added=0, changed=0, deleted=0, carried=summary["docs"])
+    console.print(summary_table(summary))
+    return summary
+
+
+def _snapshot(plan: Plan, records: list[CommitRecord]) -> versions.Snapshot:
+    own = [r for r in records if r.version == plan.version]
+    docs = sum(r.docs for r in records)
+    embedded = sum(r.embedded for r in own)
+    if plan.changes is not None:
+        changes = {"added": plan.changes["added"], "changed": plan.changes["changed"],
+                   "deleted": plan.changes["deleted"]}
+    else:
+        changes = {"added": docs, "changed": 0, "deleted": 0}
+    counts = {"docs": docs, "embedded": embedded, **changes, "carried": docs - embedded,
+              **{key: sum(getattr(r, key) for r in records) for key in ("quarantined", "blank", "rows", "tokens")}}
+    return versions.Snapshot(plan.version, plan.fingerprint, plan.kind, counts, dict(sorted(plan.shards.items())),
+                             sorted(records, key=lambda r: r.fragment), reason=plan.reason, identity=plan.identity)
+
+
+def _job(plan: Plan, cpu_threads: int | None = None) -> JobSpec:
+    """What the workers need to know about this run, resolved here on the driver."""
+    long_text = plan.config.long_text
+    settings = EmbedSettings(plan.model, plan.outputs, plan.config.model.dtype, plan.config.batching.token_budget,
+                             plan.config.output.precision, cpu_threads, window_rows=long_text.window_rows)
+    metadata = file_metadata(plan.model.name, plan.model.weights_sha256,
+                             {o.name: list(o.layers) for o in plan.outputs}, plan.fingerprint)
+    return JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
+                   stride=long_text.window_stride, storage=plan.config.storage, version=plan.version,
+                   changes_dir=versions.changes_dir(plan.version) if plan.changes is not None else None)
 
 
 def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
@@ -211,14 +356,7 @@ def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
     if resources.gpus_per_replica and not available.get("GPU"):
         waiting = " (no GPU in the cluster yet: waiting for the autoscaler to add GPU nodes)"
     console.print(f"strata: {resources.describe()}{waiting}", markup=False, highlight=False)
-    long_text = plan.config.long_text
-    settings = EmbedSettings(plan.model, plan.outputs, plan.config.model.dtype, plan.config.batching.token_budget,
-                             plan.config.output.precision, resources.cpu_threads,
-                             window_rows=long_text.window_rows)
-    metadata = file_metadata(plan.model.name, plan.model.weights_sha256,
-                             {o.name: list(o.layers) for o in plan.outputs}, plan.fingerprint)
-    job = JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
-                  stride=long_text.window_stride, storage=plan.config.storage)
+    job = _job(plan, resources.cpu_threads)
     done_rows = plan.total_rows - sum(f.rows for f in pending)
     records, failures = [], []
     remaining = pending
@@ -235,6 +373,7 @@ def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
                     else:
                         records.append(record)
                         progress.update(record)
+                        faults.maybe_kill("run", len(records))
                 remaining = []
             except ray_pipeline.RayError as exc:
                 remaining = _after_worker_deaths(manifest, remaining, records, failures, exc, console)
@@ -267,17 +406,27 @@ def _after_worker_deaths(manifest: Manifest, remaining: list[Fragment], records:
 
 def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitRecord], failed: list[FailureRecord],
               wall: float) -> dict:
-    planned = {f.id for f in plan.fragments}
+    """Totals of the version as far as it is done (`records`: its committed and carried fragments),
+    and what this run did."""
+    planned = {f.id for f in plan.fragments} | {r.fragment for r in plan.carried}
     done = [r for r in records if r.fragment in planned]
-    run_tokens = sum(r.tokens for r in this_run)
-    run_docs = sum(r.docs for r in this_run)
+    run_tokens = sum(r.embedded_tokens for r in this_run)
+    run_docs = sum(r.embedded for r in this_run)
     padded = sum(r.padded_tokens for r in this_run)
+    changes = plan.changes or {}
     return {
-        "fragments": f"{len(done)} / {len(plan.fragments)}",
+        "version": plan.version,
+        "published": False,
+        "fragments": f"{len(done)} / {len(planned)}",
         "docs": sum(r.docs for r in done),
         "quarantined": sum(r.quarantined for r in done),
         "blank": sum(r.blank for r in done),
         "tokens": sum(r.tokens for r in done),
+        "added": changes.get("added"),
+        "changed": changes.get("changed"),
+        "deleted": changes.get("deleted"),
+        "carried": (sum(r.carried for r in done if r.version == plan.version) + sum(r.docs for r in plan.carried)
+                    if plan.changes is not None else None),
         "failed_fragments": sum(1 for f in failed if f.rows is not None),
         "failed_shards": sum(1 for f in failed if f.rows is None),
         "failed_rows": sum(f.rows or 0 for f in failed),

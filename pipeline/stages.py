@@ -2,6 +2,10 @@
 
     read (shard → fragments' rows) → tokenize → embed → write + commit
 
+In an incremental version the read step embeds only the added and changed documents of a
+fragment and names the unchanged ones, whose rows the write step copies from the older
+version's files (`incremental.py`).
+
 A payload is a flat dict of a fragment's JSON, its tables as Arrow IPC bytes and a few
 counters, so Ray Data can carry it as one row. Nothing here imports Ray: `ray_pipeline.py`
 wires these steps into a Ray Data dataset, and tests call them directly.
@@ -24,7 +28,9 @@ from pipeline import faults
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
 from pipeline.errors import StrataError, one_line
-from pipeline.manifest import CommitRecord, FailureRecord, Manifest
+from pipeline.changes import content_hashes, index_table
+from pipeline.incremental import carried_rows, read_changes, split_by_changes
+from pipeline.manifest import HASHES_DIR, CommitRecord, FailureRecord, Manifest
 from pipeline.model import local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
 from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_ranges
@@ -44,19 +50,36 @@ class JobSpec:
     file_metadata: dict[str, str]
     stride: int | None = None  # sliding-window overlap; None = truncate
     storage: StorageConfig = field(default_factory=StorageConfig)
+    version: int = 1  # the output version being made
+    changes_dir: str | None = None  # where the changed shards' diffs are (incremental versions only)
+
+    def changes_uri(self, source: str) -> str | None:
+        from pipeline.incremental import changes_name
+
+        if self.changes_dir is None:
+            return None
+        return Location.from_uri(self.output_uri, self.storage).uri(self.changes_dir, changes_name(source))
 
 
-def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig,
-               storage: StorageConfig | None = None) -> Iterator[dict]:
+def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig, storage: StorageConfig | None = None,
+               changes_uri: str | None = None) -> Iterator[dict]:
     """One payload per fragment of this shard, reading the shard once. If the shard breaks off
-    (a truncated gzip, a vanished file), the fragments not yet read carry the error instead."""
+    (a truncated gzip, a vanished file), the fragments not yet read carry the error instead.
+    With the shard's changes, only its added and changed documents go on to be embedded."""
     fs, _ = open_fs(cfg.uri, storage)
     fragments = sorted(fragments, key=lambda f: f.start)
     started, done = time.time(), 0
     try:
+        changes = read_changes(changes_uri, storage) if changes_uri else None
         for fragment, rows in zip(fragments, read_ranges(fs, shard, [(f.start, f.end) for f in fragments], cfg)):
-            yield _payload(fragment, started, docs=table_to_bytes(rows.docs), blank=rows.blank,
-                           quarantine=table_to_bytes(quarantine_table(rows.quarantine)))
+            hashes = content_hashes(rows.docs, cfg.keep_fields)
+            docs, carry = rows.docs, b""
+            if changes is not None:
+                docs, carried = split_by_changes(docs, hashes, changes)
+                carry = table_to_bytes(carried) if carried.num_rows else b""
+            index = index_table(rows.docs["id"], hashes, rows.docs["row"])
+            yield _payload(fragment, started, docs=table_to_bytes(docs), blank=rows.blank, carry=carry,
+                           index=table_to_bytes(index), quarantine=table_to_bytes(quarantine_table(rows.quarantine)))
             started, done = time.time(), done + 1
     except Exception as exc:  # noqa: BLE001 - whatever broke the shard is the fragments' failure reason
         for fragment in fragments[done:]:
@@ -67,7 +90,7 @@ def _payload(fragment: Fragment, started: float, **fields) -> dict:
     """Every payload has the same keys from the first step on, so Ray Data sees one schema."""
     empty = table_to_bytes(quarantine_table([]))
     return {"fragment": fragment.to_json(), "started": started, "docs": b"", "quarantine": empty, "windows": b"",
-            "blank": 0, "embedded": 0, "padded_tokens": 0, "error": "", **fields}
+            "carry": b"", "index": b"", "blank": 0, "embedded": 0, "padded_tokens": 0, "error": "", **fields}
 
 
 def _describe(exc: BaseException) -> str:
@@ -187,15 +210,24 @@ def _append_quarantine(quarantine: bytes, docs: pa.Table, reasons: dict[int, str
 
 
 def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
-    """Write the data files, then the quarantine file, then the commit record (last); or, for a
-    fragment that failed on the way, its failure record."""
+    """Write the data files, then the quarantine file and the hash index, then the commit record
+    (last); or, for a fragment that failed on the way, its failure record."""
     fragment = Fragment.from_json(payload["fragment"])
     location = Location.from_uri(job.output_uri, job.storage)
+    rows = table_from_bytes(payload["docs"]) if not payload["error"] else None
+    carried = rows.schema.empty_table() if rows is not None else None
+    if payload["carry"] and rows is not None:
+        try:
+            carried = carried_rows(location, table_from_bytes(payload["carry"]), rows.schema)
+        except Exception as exc:  # noqa: BLE001 - the fragment fails; a rerun tries again
+            payload = {**payload, "error": f"copying unchanged documents: {_describe(exc)}"}
     if payload["error"]:
         failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"], fragment.rows)
         Manifest(location).fail(failure)
         return failure
-    rows = table_from_bytes(payload["docs"])
+    if carried.num_rows:
+        order = [("row", "ascending")] + ([("window", "ascending")] if "window" in rows.column_names else [])
+        rows = pa.concat_tables([rows, carried]).sort_by(order)
     files = []
     for path, part in partition_files(rows, job.partition_by, fragment.id):
         location.write_bytes(parquet_bytes(part, job.file_metadata), path)
@@ -205,6 +237,10 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
     if quarantine.num_rows:
         quarantine_file = f"quarantine/{fragment.id}.parquet"
         location.write_bytes(parquet_bytes(quarantine), quarantine_file)
+    index = table_from_bytes(payload["index"])
+    index = index.filter(pc.is_in(index["row"], rows["row"]))  # documents that made it into the data
+    location.write_bytes(parquet_bytes(index), HASHES_DIR, f"{fragment.id}.parquet")
+    carried_docs = pc.count_distinct(carried["row"]).as_py() if carried.num_rows else 0
     record = CommitRecord(
         fragment=fragment.id,
         source=fragment.shard.source,
@@ -212,13 +248,16 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
         end=fragment.end,
         files=files,
         rows=fragment.rows,
-        docs=int(payload["embedded"]),
+        docs=int(payload["embedded"]) + carried_docs,
         quarantined=quarantine.num_rows,
         blank=int(payload["blank"]),
         tokens=int(pc.sum(rows["n_tokens"]).as_py() or 0),
         padded_tokens=int(payload["padded_tokens"]),
         seconds=round(time.time() - float(payload["started"]), 3),
         quarantine_file=quarantine_file,
+        version=job.version,
+        carried=carried_docs,
+        carried_tokens=int(pc.sum(carried["n_tokens"]).as_py() or 0) if carried.num_rows else 0,
     )
     Manifest(location).commit(record)
     return record

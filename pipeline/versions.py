@@ -1,0 +1,146 @@
+"""Output versions: every run that changes an output publishes version N, a snapshot manifest
+of the fragments (and so the data files) that make up the output at that version.
+
+    _manifest/versions/00000002.json                  the snapshot: files, fragments (their
+                                                      commit records), shards, counts, settings
+    _manifest/versions/00000002/changes/<shard>.parquet   per shard that changed since version 1:
+                                                      id, row, change (added | changed |
+                                                      unchanged | deleted), where its old rows are
+
+A snapshot is written once, after every fragment it lists is committed, and never rewritten;
+the current version is the highest one. A changed shard's fragments are written anew (its
+unchanged documents' rows copied, not embedded), so a snapshot is a plain list of whole files:
+readers need no row-level deletes. Older versions stay readable until `strata gc` drops them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from pipeline.manifest import CommitRecord
+from pipeline.storage import Location
+
+VERSIONS_DIR = "_manifest/versions"
+_SNAPSHOT = re.compile(r"^(\d{8})\.json$")
+
+
+@dataclass
+class Snapshot:
+    version: int
+    fingerprint: str  # of the settings that made every vector in it
+    kind: str  # first | incremental | full (every document embedded again: the settings changed)
+    counts: dict[str, int]  # docs, embedded, added, changed, deleted, carried, quarantined, blank, rows, tokens
+    shards: dict[str, str]  # source -> the shard version this snapshot holds
+    fragments: list[CommitRecord]
+    reason: str = ""  # why a full re-embed
+    identity: dict = field(default_factory=dict)  # the settings behind `fingerprint`, to say what changed
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @property
+    def files(self) -> list[str]:
+        """The data files, relative to the output root."""
+        return [path for record in self.fragments for path in record.files]
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["files"] = self.files  # for readers: DuckDB and pyarrow take this list as it is
+        data["quarantine_files"] = [r.quarantine_file for r in self.fragments if r.quarantine_file]
+        return json.dumps(data, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Snapshot":
+        raw = json.loads(data)
+        fragments = [CommitRecord(**record) for record in raw.pop("fragments")]
+        raw.pop("files", None)
+        raw.pop("quarantine_files", None)
+        return cls(fragments=fragments, **raw)
+
+
+def snapshot_path(version: int) -> str:
+    return f"{VERSIONS_DIR}/{version:08d}.json"
+
+
+def changes_dir(version: int) -> str:
+    return f"{VERSIONS_DIR}/{version:08d}/changes"
+
+
+def list_versions(location: Location) -> list[int]:
+    """Published versions, oldest first."""
+    return sorted(int(m.group(1)) for name in location.list_names(VERSIONS_DIR) if (m := _SNAPSHOT.match(name)))
+
+
+def read_snapshot(location: Location, version: int | None = None) -> Snapshot | None:
+    """A published version (the current one by default); None when the output has none yet."""
+    if version is None:
+        published = list_versions(location)
+        if not published:
+            return None
+        version = published[-1]
+    elif not location.exists(snapshot_path(version)):
+        return None
+    return Snapshot.from_json(location.read_bytes(snapshot_path(version)))
+
+
+def publish(location: Location, snapshot: Snapshot) -> None:
+    location.write_bytes(snapshot.to_json(), snapshot_path(snapshot.version))
+
+
+@dataclass(frozen=True)
+class Collection:
+    """What `strata gc --keep N` removes: versions, and the fragments only they list."""
+
+    versions: list[int]
+    fragments: list[CommitRecord]
+
+
+def collectable(snapshots: list[Snapshot], keep: int) -> Collection:
+    """The versions older than the newest `keep`, and their fragments that no kept version
+    lists. Fragments in no snapshot at all (an unfinished run's) are never collected here."""
+    ordered = sorted(snapshots, key=lambda s: s.version)
+    dropped, kept = ordered[:-keep] if keep < len(ordered) else [], ordered[-keep:]
+    live = {record.fragment for snapshot in kept for record in snapshot.fragments}
+    gone = {record.fragment: record for snapshot in dropped for record in snapshot.fragments
+            if record.fragment not in live}
+    return Collection([s.version for s in dropped], sorted(gone.values(), key=lambda r: r.fragment))
+
+
+def files(output_uri: str, version: int | None = None, storage=None) -> list[str]:
+    """The data files of a version (the current one by default) as URIs a reader opens."""
+    location = Location.from_uri(output_uri, storage)
+    snapshot = read_snapshot(location, version)
+    if snapshot is None:
+        from pipeline.errors import OutputError
+
+        which = "any published version" if version is None else f"a version {version}"
+        raise OutputError(f"{output_uri} holds no {which} (see strata status {output_uri})")
+    return [location.uri(path) for path in snapshot.files]
+
+
+def collect_garbage(location: Location, keep: int, dry_run: bool = False) -> Collection:
+    """Remove the versions older than the newest `keep` and the fragments (data, quarantine and
+    hash files, commit records) only they list. Holds the output's lease, as a run does: a run
+    and a collection never overlap. Snapshots go first, so a crash midway leaves only fragments
+    no version lists, which the next run removes."""
+    from pipeline.lease import Lease
+    from pipeline.manifest import Manifest
+
+    snapshots = [read_snapshot(location, version) for version in list_versions(location)]
+    if not snapshots:
+        from pipeline.errors import OutputError
+
+        raise OutputError(f"{location.uri()} holds no published version; nothing to collect")
+    collection = collectable(snapshots, keep)
+    if dry_run or not collection.versions:
+        return collection
+    lease = Lease(location)
+    lease.acquire()
+    with lease:
+        for version in collection.versions:
+            location.remove(snapshot_path(version))
+            for path in location.find(f"{VERSIONS_DIR}/{version:08d}"):
+                location.remove(path)
+        Manifest(location).remove_fragments(collection.fragments)
+    return collection

@@ -1,0 +1,183 @@
+"""Incremental versions end to end through a real local Ray cluster: only what changed is
+embedded, every version reads as a whole, a killed version resumes to the same result."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+from rich.console import Console
+
+from pipeline import versions
+from pipeline.config import parse_config
+from pipeline.errors import InputError
+from pipeline.runner import run
+
+from conftest import CORPUS
+
+SHARDS, PER_SHARD = 5, 40  # 200 documents
+
+
+def make_corpus(folder: Path) -> dict[str, list[dict]]:
+    folder.mkdir()
+    docs = [json.loads(line) for line in (CORPUS / "part-0.jsonl").read_text().splitlines()]
+    docs += [json.loads(line) for line in (CORPUS / "part-0.jsonl").read_text().splitlines()[:60]]
+    for i, doc in enumerate(docs[150:], start=150):  # the second pass over the file: new ids and texts
+        doc["id"], doc["text"] = f"again-{i}", f"Seen again ({i}): {doc['text']}"
+    shards = {f"s{i}.jsonl": docs[i * PER_SHARD:(i + 1) * PER_SHARD] for i in range(SHARDS)}
+    write_shards(folder, shards)
+    return shards
+
+
+def write_shards(folder: Path, shards: dict[str, list[dict]]) -> None:
+    for name, docs in shards.items():
+        (folder / name).write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+
+
+def change_corpus(folder: Path, shards: dict[str, list[dict]]) -> dict[str, set[str]]:
+    """Edit 5 %, add 3 %, delete 2 % of 200 documents over s0-s3 and a new shard; s4 untouched."""
+    edited, added, deleted = set(), set(), set()
+    for name, rows in (("s0.jsonl", [1, 7, 30, 39]), ("s1.jsonl", [0, 12, 25]), ("s2.jsonl", [5, 6, 20])):
+        for row in rows:
+            shards[name][row]["text"] += " (edited)"
+            edited.add(shards[name][row]["id"])
+    for name, rows in (("s2.jsonl", [33, 10]), ("s3.jsonl", [0, 21])):
+        for row in rows:  # highest row first, so the others keep their place
+            deleted.add(shards[name].pop(row)["id"])
+    new = [{"id": f"new-{i}", "text": f"A document that did not exist before, number {i}."} for i in range(6)]
+    shards["s1.jsonl"][10:10] = new[:2]  # inserted mid-shard: every later row moves
+    shards["s3.jsonl"] += new[2:4]
+    shards["s5.jsonl"] = new[4:]
+    added = {doc["id"] for doc in new}
+    write_shards(folder, {name: docs for name, docs in shards.items() if name != "s4.jsonl"})
+    return {"edited": edited, "added": added, "deleted": deleted}
+
+
+def config(corpus: Path, out: Path, **sections):
+    raw = {"input": {"uri": str(corpus)}, "model": {"max_length": 64},
+           "outputs": [{"name": "v", "layers": [0, -1], "pooling": "mean", "combine": "stack"}],
+           "batching": {"fragment_docs": 16, "token_budget": 2048},
+           "output": {"uri": str(out), "precision": "float32"}, "run": {"mode": "incremental"}}
+    raw.update(sections)
+    return parse_config(raw)
+
+
+def quiet_run(cfg) -> tuple[dict, str]:
+    buffer = io.StringIO()
+    summary = run(cfg, console=Console(file=buffer, width=400))
+    return summary, buffer.getvalue()
+
+
+def snapshot_table(out: Path, version: int | None = None):
+    table = ds.dataset(versions.files(str(out), version), format="parquet").to_table()
+    assert len(set(table["id"].to_pylist())) == table.num_rows, "a document appears twice"
+    return table
+
+
+def by_id(table) -> dict[str, tuple]:
+    vectors = np.array(table["v"].to_pylist(), np.float32)
+    return {doc_id: (source, row, vector) for doc_id, source, row, vector in
+            zip(table["id"].to_pylist(), table["source"].to_pylist(), table["row"].to_pylist(), vectors)}
+
+
+def assert_same_documents(got, expected):
+    got, expected = by_id(got), by_id(expected)
+    assert sorted(got) == sorted(expected)
+    for doc_id, (source, row, vector) in expected.items():
+        assert got[doc_id][:2] == (source, row), doc_id
+        np.testing.assert_allclose(got[doc_id][2], vector, atol=1e-4, err_msg=doc_id)
+
+
+def killed_run(cfg_path: Path, after_commits: int) -> None:
+    """`strata run` in its own session, killed by SIGKILL once it committed some fragments."""
+    env = {**os.environ, "STRATA_FAULT": f"kill-run-at:{after_commits}"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg_path)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, stderr
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the local Ray it started
+    except ProcessLookupError:
+        pass
+
+
+def test_incremental_versions_embed_only_what_changed(ray_cluster, tmp_path):
+    corpus, out, twin = tmp_path / "in", tmp_path / "out", tmp_path / "twin"
+    shards = make_corpus(corpus)
+    first, _ = quiet_run(config(corpus, out))
+    assert (first["version"], first["docs"], first["docs_this_run"], first["published"]) == (1, 200, 200, True)
+    v1 = snapshot_table(out)
+    shutil.copytree(out, twin)  # the same version 1, for the interrupted run below
+    truth = change_corpus(corpus, shards)
+
+    second, log = quiet_run(config(corpus, out))
+    assert (second["added"], second["changed"], second["deleted"]) == (6, 10, 4)
+    assert second["docs_this_run"] == 16 == 0.08 * 200  # exactly the added and edited documents
+    assert (second["version"], second["docs"], second["carried"]) == (2, 202, 186)
+    assert "comparing 5 shards with version 1" in log  # s0-s3 and s5; s4 is carried unread
+    assert "1 carried from version 1" not in log and "3 carried from version 1" in log  # s4's fragments
+
+    fresh, _ = quiet_run(config(corpus, tmp_path / "fresh", run={"mode": "once"}))
+    current = snapshot_table(out)
+    assert_same_documents(current, snapshot_table(tmp_path / "fresh"))
+    assert fresh["docs"] == current.num_rows == 202
+    ids = set(current["id"].to_pylist())
+    assert not ids & truth["deleted"] and truth["added"] <= ids
+    assert_same_documents(snapshot_table(out, 1), v1)  # version 1 reads as it was
+    assert truth["deleted"] <= set(v1["id"].to_pylist())
+
+    third, log = quiet_run(config(corpus, out))
+    assert third["docs_this_run"] == 0 and third["version"] == 2 and "nothing to do" in log
+    assert versions.list_versions(versions.Location.from_uri(str(out))) == [1, 2]
+
+    # a run killed midway through version 2, then rerun, publishes the same version 2
+    cfg_path = tmp_path / "twin.yaml"
+    cfg_path.write_text(json.dumps(config(corpus, twin).model_dump(mode="json")))
+    killed_run(cfg_path, after_commits=2)
+    assert versions.list_versions(versions.Location.from_uri(str(twin))) == [1]
+    resumed, log = quiet_run(config(corpus, twin))
+    assert "already committed" in log and resumed["fragments_this_run"] < second["fragments_this_run"]
+    assert (resumed["added"], resumed["changed"], resumed["deleted"], resumed["docs"]) == (6, 10, 4, 202)
+    assert versions.read_snapshot(versions.Location.from_uri(str(twin))).files == \
+        versions.read_snapshot(versions.Location.from_uri(str(out))).files
+    assert_same_documents(snapshot_table(twin), current)
+
+
+def test_changed_settings_re_embed_into_a_new_version_and_gc_keeps_the_newest(ray_cluster, tmp_path):
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    shards = make_corpus(corpus)
+    write_shards(corpus, {name: docs[:8] for name, docs in shards.items()})  # 40 documents
+    quiet_run(config(corpus, out))
+    normalized = [{"name": "v", "layers": [0, -1], "pooling": "mean", "combine": "stack", "normalize": True}]
+    summary, log = quiet_run(config(corpus, out, outputs=normalized))
+    assert (summary["version"], summary["docs_this_run"]) == (2, 40)
+    assert "embedding every document again: the settings changed: outputs.0.normalize: False → True" in log
+    norms = np.linalg.norm(np.array(snapshot_table(out)["v"].to_pylist()), axis=-1)
+    np.testing.assert_allclose(norms, 1, atol=1e-4)
+    old_files = versions.read_snapshot(versions.Location.from_uri(str(out)), 1).files
+
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(out), "--json"],
+                            capture_output=True, text=True)
+    report = json.loads(result.stdout)
+    assert report["current_version"] == 2
+    assert [(v["version"], v["kind"], v["embedded"], v["docs"]) for v in report["versions"]] == [
+        (1, "first", 40, 40), (2, "full", 40, 40)]
+
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "gc", str(out), "--keep", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "removed versions 1: 5 fragments, 5 data files" in result.stderr
+    assert not any((out / path).exists() for path in old_files)
+    assert versions.list_versions(versions.Location.from_uri(str(out))) == [2]
+    assert snapshot_table(out).num_rows == 40
+    with pytest.raises(InputError, match=r"changed since version 2 .* `strata run --incremental` embeds only what "
+                                         r"changed into version 3"):
+        shards["s0.jsonl"][0]["text"] += "!"
+        write_shards(corpus, {"s0.jsonl": shards["s0.jsonl"][:8]})
+        run(config(corpus, out, outputs=normalized, run={"mode": "once"}))
