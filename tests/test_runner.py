@@ -101,12 +101,13 @@ def test_end_to_end_run_resume_and_recompute_one_fragment(ray_cluster, tmp_path)
     assert again["fragments_this_run"] == 0 and again["docs"] == 23
     assert data_files(out) == before
 
-    # losing one commit record recomputes exactly that fragment
+    # a version not yet published that lost one commit record recomputes exactly that fragment
+    (out / "_manifest" / "versions" / "00000001.json").unlink()
     record = sorted((out / "_manifest" / "fragments").glob("*.json"))[2]
     lost = json.loads(record.read_text())
     record.unlink()
     third = run(cfg)
-    assert third["fragments_this_run"] == 1 and third["docs_this_run"] == lost["docs"]
+    assert third["fragments_this_run"] == 1 and third["docs_this_run"] == lost["docs"] and third["published"]
     after = data_files(out)
     changed = {name for name in after if after[name] != before[name]}
     assert changed == set(lost["files"])
@@ -168,35 +169,36 @@ def test_resuming_with_other_vector_settings_is_refused(ray_cluster, tmp_path, m
         run(config(corpus, out, **same))
 
 
-def test_rerun_embeds_new_shards_and_refuses_changed_ones(ray_cluster, tmp_path):
-    """What a scheduled rerun of one config over a growing corpus does: new shards are embedded, and
-    a shard whose rows changed under the output is refused instead of leaving old rows beside new."""
+def test_once_mode_refuses_a_changed_input_and_an_unfinished_version_follows_it(ray_cluster, tmp_path):
+    """run.mode once: after version 1 is published a new, edited or deleted shard is refused (naming
+    --incremental) and the output stays as it was; before, a rerun embeds the input as it is now and
+    removes the rows of shards that changed under it."""
     corpus, out = small_corpus(tmp_path / "in", docs_per_shard=(7, 4)), tmp_path / "out"
     run(config(corpus, out))
+    vector_before = {r["id"]: r["sentence"] for r in read_output(out).to_pylist()}
     lines = (CORPUS / "part-0.jsonl").read_text().splitlines()
     (corpus / "s2.jsonl").write_text("\n".join(lines[40:46]) + "\n")
-    summary = run(config(corpus, out))
-    assert (summary["docs_this_run"], summary["docs"]) == (6, 17)
-    assert sorted(read_output(out).column("id").to_pylist()) == sorted(
-        json.loads(line)["id"] for line in lines[:11] + lines[40:46])
-    assert run(config(corpus, out))["docs_this_run"] == 0
-    before = (out / "_manifest" / "run.json").read_text(), (out / "_manifest" / "shards.json").read_text()
-    refused = r"input changed .* 1 shard with committed fragments was edited, grew, shrank or vanished \(s1.jsonl\)"
     original = (corpus / "s1.jsonl").read_text()
+    edited_id = json.loads(original.splitlines()[2])["id"]
     edited = original.replace(json.loads(original.splitlines()[2])["text"][:20], "an edited opening....", 1)
-    assert len(edited.splitlines()) == len(original.splitlines())
     (corpus / "s1.jsonl").write_text(edited)  # same rows, other text: only the shard's version tells
-    with pytest.raises(InputError, match=refused):
+    manifest_files = lambda: {p: p.read_bytes() for p in (out / "_manifest").rglob("*") if p.is_file()}
+    before = manifest_files()
+    with pytest.raises(InputError, match=r"input changed since version 1 .*: 2 shards new, edited or deleted "
+                                         r"\(s1.jsonl, s2.jsonl\); `strata run --incremental` embeds only what changed"):
         run(config(corpus, out))
-    with (corpus / "s1.jsonl").open("a") as shard:  # rows appended: its last fragment is cut anew
-        shard.write(lines[50] + "\n")
-    with pytest.raises(InputError, match=refused):
-        run(config(corpus, out))
-    after = (out / "_manifest" / "run.json").read_text(), (out / "_manifest" / "shards.json").read_text()
-    assert after == before  # a refused run leaves the output as it was
-    (corpus / "s1.jsonl").unlink()
-    with pytest.raises(InputError, match=refused):
-        run(config(corpus, out))
+    assert manifest_files() == before  # a refused run leaves the output as it was
+
+    (out / "_manifest" / "versions" / "00000001.json").unlink()  # as if version 1 was never finished
+    summary = run(config(corpus, out))
+    assert (summary["docs"], summary["docs_this_run"], summary["published"]) == (17, 10, True)
+    table = read_output(out)  # data/ alone holds no stale rows of the edited shard
+    expected = [json.loads(line)["id"] for line in lines[:11] + lines[40:46]]
+    assert sorted(table["id"].to_pylist()) == sorted(expected)
+    after = {r["id"]: r["sentence"] for r in table.to_pylist()}
+    assert after[edited_id] != vector_before[edited_id]
+    untouched = {json.loads(line)["id"] for line in lines[:7]}  # s0's fragments were kept as they were
+    assert all(after[i] == vector_before[i] for i in untouched)
 
 
 def test_windows_as_rows_and_token_level_outputs_through_ray(ray_cluster, tmp_path):
