@@ -143,13 +143,14 @@ def gc(output_uri: str = typer.Argument(..., help="Output location"),
     from pipeline.storage import Location
 
     done = versions.collect_garbage(Location.from_uri(output_uri), keep, dry_run)
-    files = sum(len(r.files) for r in done.fragments)
-    verb = "would remove" if dry_run else "removed"
     if not done.versions:
         err.print(f"nothing to remove: {output_uri} holds no more than {keep} versions", markup=False, highlight=False)
         return
-    err.print(f"{verb} versions {', '.join(map(str, done.versions))}: {len(done.fragments):,} fragments, "
-              f"{files:,} data files no kept version uses", markup=False, highlight=False)
+    count = lambda n, noun: f"{n:,} {noun}" + ("" if n == 1 else "s")  # noqa: E731
+    err.print(f"{'would remove' if dry_run else 'removed'} {'version' if len(done.versions) == 1 else 'versions'} "
+              f"{', '.join(map(str, done.versions))}: {count(len(done.fragments), 'fragment')}, "
+              f"{count(sum(len(r.files) for r in done.fragments), 'data file')} that no kept version uses",
+              markup=False, highlight=False)
 
 
 @app.command()

@@ -209,12 +209,16 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
         failed += failed_fragments
     elif not plan.bad_shards:
         _say(console, "nothing to embed, every fragment is committed")
-    records = plan.carried + manifest.records({f.id for f in plan.fragments} & manifest.committed())
+    own = {r.fragment: r for r in manifest.records({f.id for f in plan.fragments} & committed) + this_run}
+    records = plan.carried + list(own.values())
     summary = summarize(plan, records, this_run, failed, time.monotonic() - started)
-    if not failed and len(records) == len(plan.fragments) + len(plan.carried):
+    if not failed and len(own) == len(plan.fragments):
         versions.publish(location, _snapshot(plan, records))
         summary["published"] = True
         _say(console, f"published version {plan.version} of {config.output.uri}")
+    elif not failed:  # cannot happen unless records vanished under the run: say so rather than publish less
+        _say(console, f"version {plan.version} is not published: {len(own)} of "
+                      f"{len(plan.fragments)} fragments are committed; rerun to finish it")
     manifest.write_run({**run_info, "summary": summary})
     console.print(summary_table(summary))
     _check_failures(failed, config.output.uri)

@@ -66,6 +66,7 @@ class Location:
         return self.fs.unstrip_protocol(self.path(*parts)) if not self.is_local else self.path(*parts)
 
     def exists(self, *parts: str) -> bool:
+        self.fs.invalidate_cache(self.path(*parts))  # other processes write here too: never trust a cached listing
         return self.fs.exists(self.path(*parts))
 
     def read_bytes(self, *parts: str) -> bytes:
@@ -90,6 +91,7 @@ class Location:
     def list_names(self, *parts: str) -> list[str]:
         """Base names of the files directly under a folder; empty if the folder does not exist."""
         folder = self.path(*parts)
+        self.fs.invalidate_cache(folder)
         try:
             entries = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
@@ -98,6 +100,7 @@ class Location:
 
     def find(self, *parts: str) -> list[str]:
         """Paths (relative to the root) of every file below a folder; empty if there is none."""
+        self.fs.invalidate_cache(self.path(*parts))
         try:
             found = self.fs.find(self.path(*parts))
         except FileNotFoundError:

@@ -140,7 +140,7 @@ def collect_garbage(location: Location, keep: int, dry_run: bool = False) -> Col
     with lease:
         for version in collection.versions:
             location.remove(snapshot_path(version))
-            for path in location.find(f"{VERSIONS_DIR}/{version:08d}"):
-                location.remove(path)
+            if location.exists(f"{VERSIONS_DIR}/{version:08d}"):
+                location.fs.rm(location.path(f"{VERSIONS_DIR}/{version:08d}"), recursive=True)
         Manifest(location).remove_fragments(collection.fragments)
     return collection

@@ -1,5 +1,6 @@
 """Exactly-once under SIGKILL: kill `strata run` at random moments, resume, compare bitwise."""
 
+import io
 import json
 import os
 import random
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
+from rich.console import Console
 
 from conftest import CORPUS, write_config
 
@@ -68,10 +70,17 @@ def kill_repeatedly(cfg: Path, commits_now, times: int, rng: random.Random) -> N
         kills += 1
 
 
-def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
+def straight_run(cfg: Path) -> None:
+    """The uninterrupted result, made in this process on the session's cluster (no start-up)."""
+    from pipeline.config import load_config
+    from pipeline.runner import run
+
+    assert run(load_config(cfg), console=Console(file=io.StringIO()))["docs"] == DOCS
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(ray_cluster, tmp_path):
     source = corpus(tmp_path / "in")
-    baseline = start(config(tmp_path, "straight", source))
-    assert baseline.wait(timeout=600) == 0, baseline.stderr.read()
+    straight_run(config(tmp_path, "straight", source))
 
     cfg = config(tmp_path, "killed", source)
     out = tmp_path / "killed"

@@ -117,13 +117,12 @@ def test_model_folder_from_s3_is_cached_verified_and_gives_the_same_vectors(ray_
     assert len([c for c in cached if ".tmp-" not in c.name]) == 1  # fetched once, driver and workers alike
 
 
-def test_killed_runs_on_s3_resume_to_every_document_once(s3, tmp_path):
-    from test_resume import DOCS, config, corpus, kill_repeatedly, start, vectors_by_id
+def test_killed_runs_on_s3_resume_to_every_document_once(ray_cluster, s3, tmp_path):
+    from test_resume import DOCS, config, corpus, kill_repeatedly, start, straight_run, vectors_by_id
 
     endpoint, fs = s3
     source = corpus(tmp_path / "in")
-    straight = config(tmp_path, "straight", source)
-    assert start(straight).wait(timeout=600) == 0
+    straight_run(config(tmp_path, "straight", source))
     killed = config(tmp_path, "killed", source, output="s3://corpus/killed", storage={"endpoint_url": endpoint})
     commits = lambda: len(fs.ls("corpus/killed/_manifest/fragments", refresh=True)) if fs.exists(  # noqa: E731
         "corpus/killed/_manifest/fragments") else 0
@@ -150,3 +149,29 @@ def test_a_flaky_store_loses_and_duplicates_nothing(ray_cluster, s3, tmp_path):
     assert summary["docs"] == 300 and summary["fragments"] == "4 / 4"
     ids = ds.dataset("corpus/flaky/data", filesystem=fs, partitioning="hive").to_table(columns=["id"])["id"]
     assert len(ids) == 300 and len(set(ids.to_pylist())) == 300
+
+
+def test_incremental_version_on_s3_carries_copies_and_collects(ray_cluster, s3):
+    from pipeline import versions
+    from pipeline.incremental import changes_name
+
+    endpoint, fs = s3
+    lines = (CORPUS / "part-0.jsonl").read_text().splitlines()[:40]
+    fs.pipe("corpus/inc/a.jsonl", ("\n".join(lines) + "\n").encode())
+    incremental = {"run": {"mode": "incremental"}}
+    assert run(cfg(endpoint, "s3://corpus/inc/", "s3://corpus/inc-out", **incremental))["docs"] == 40
+    edited = json.loads(lines[5])
+    edited["text"] += " (edited)"
+    fs.pipe("corpus/inc/a.jsonl", ("\n".join(lines[:5] + [json.dumps(edited)] + lines[7:]) + "\n").encode())
+    second = run(cfg(endpoint, "s3://corpus/inc/", "s3://corpus/inc-out", **incremental))
+    assert (second["version"], second["changed"], second["deleted"], second["docs_this_run"]) == (2, 1, 1, 1)
+    files = versions.files("s3://corpus/inc-out", storage=cfg(endpoint, "x", "y").storage)
+    assert all(f.startswith("s3://corpus/inc-out/data/") for f in files)
+    table = ds.dataset([f.removeprefix("s3://") for f in files], filesystem=fs).to_table()
+    assert sorted(table["id"].to_pylist()) == sorted(json.loads(line)["id"] for line in lines[:6] + lines[7:])
+    gc = strata("gc", "s3://corpus/inc-out", "--keep", "1", endpoint=endpoint)
+    assert gc.returncode == 0 and "removed version 1: 1 fragment, 1 data file" in gc.stderr, gc.stderr
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[-1] for p in fs.find("corpus/inc-out/_manifest/versions")] == [
+        "00000002.json", changes_name("a.jsonl")]
+    assert ds.dataset([f.removeprefix("s3://") for f in files], filesystem=fs).count_rows() == 39

@@ -1,6 +1,7 @@
 """Incremental versions end to end through a real local Ray cluster: only what changed is
 embedded, every version reads as a whole, a killed version resumes to the same result."""
 
+import glob
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
@@ -95,6 +97,20 @@ def assert_same_documents(got, expected):
         np.testing.assert_allclose(got[doc_id][2], vector, atol=1e-4, err_msg=doc_id)
 
 
+def assert_readme_readers_see(out: Path, docs: int) -> None:
+    """The README's two ways of reading the current version, without strata."""
+    snapshot = max(glob.glob(f"{out}/_manifest/versions/*.json"))
+    table = ds.dataset([f"{out}/{f}" for f in json.load(open(snapshot))["files"]], format="parquet").to_table()
+    assert table.num_rows == len(set(table["id"].to_pylist())) == docs
+    con = duckdb.connect()
+    con.sql(f"""SET VARIABLE files = (
+      SELECT [ '{out}/' || f FOR f IN files ]
+      FROM read_json('{out}/_manifest/versions/*.json', columns = {{version: 'INTEGER', files: 'VARCHAR[]'}})
+      ORDER BY version DESC LIMIT 1)""")
+    assert con.sql("SELECT count(*), count(DISTINCT id) FROM read_parquet(getvariable('files'))").fetchone() == \
+        (docs, docs)
+
+
 def killed_run(cfg_path: Path, after_commits: int) -> None:
     """`strata run` in its own session, killed by SIGKILL once it committed some fragments."""
     env = {**os.environ, "STRATA_FAULT": f"kill-run-at:{after_commits}"}
@@ -131,6 +147,7 @@ def test_incremental_versions_embed_only_what_changed(ray_cluster, tmp_path):
     ids = set(current["id"].to_pylist())
     assert not ids & truth["deleted"] and truth["added"] <= ids
     assert_same_documents(snapshot_table(out, 1), v1)  # version 1 reads as it was
+    assert_readme_readers_see(out, 202)
     assert truth["deleted"] <= set(v1["id"].to_pylist())
 
     third, log = quiet_run(config(corpus, out))
@@ -172,7 +189,7 @@ def test_changed_settings_re_embed_into_a_new_version_and_gc_keeps_the_newest(ra
 
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "gc", str(out), "--keep", "1"],
                             capture_output=True, text=True)
-    assert result.returncode == 0 and "removed versions 1: 5 fragments, 5 data files" in result.stderr
+    assert result.returncode == 0 and "removed version 1: 5 fragments, 5 data files" in result.stderr
     assert not any((out / path).exists() for path in old_files)
     assert versions.list_versions(versions.Location.from_uri(str(out))) == [2]
     assert snapshot_table(out).num_rows == 40
