@@ -48,19 +48,19 @@ def diff_shard(task: DiffTask, cfg: InputConfig, output_uri: str, storage: Stora
     saying why the shard could not be compared. A changes file already there (a resumed run)
     is reused: the diff of the same input against the same version is the same."""
     location = Location.from_uri(output_uri, storage)
-    if location.exists(task.changes_file):
-        counts = json.loads(pq.read_schema(location.fs.open(location.path(task.changes_file), "rb"))
-                            .metadata[COUNTS_KEY.encode()])
-        return {"source": task.source, **counts, "error": ""}
     try:
+        if location.exists(task.changes_file):
+            with location.fs.open(location.path(task.changes_file), "rb") as f:
+                counts = json.loads(pq.read_schema(f).metadata[COUNTS_KEY.encode()])
+            return {"source": task.source, **counts, "error": ""}
         old = _old_index(location, task.old_fragments)
         new, rows = _new_index(task.shard, cfg, storage) if task.shard else (INDEX_SCHEMA.empty_table(), 0)
+        changes = diff(old, new)
+        counts = {**count_changes(changes), "rows": rows}
+        location.write_bytes(parquet_bytes(changes, {COUNTS_KEY: json.dumps(counts)}), task.changes_file)
     except Exception as exc:  # noqa: BLE001 - an unreadable shard fails this shard, not the run
         reason = str(exc) if isinstance(exc, (InputError, OutputError)) else one_line(exc)
         return {"source": task.source, "error": reason}
-    changes = diff(old, new)
-    counts = {**count_changes(changes), "rows": rows}
-    location.write_bytes(parquet_bytes(changes, {COUNTS_KEY: json.dumps(counts)}), task.changes_file)
     return {"source": task.source, **counts, "error": ""}
 
 

@@ -27,6 +27,7 @@ import ray
 from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up on raises
 
 from pipeline.config import ComputeConfig
+from pipeline.errors import one_line
 from pipeline.fragments import Fragment
 from pipeline.incremental import DiffTask, diff_shard
 from pipeline.manifest import CommitRecord, FailureRecord
@@ -143,10 +144,14 @@ def run_diffs(tasks: list[DiffTask], job: JobSpec) -> Iterator[dict]:
     """Diff each changed shard against the previous version, one task per shard (a task holds
     one shard's hash index); yields each shard's counts as it finishes."""
     diff = ray.remote(num_cpus=DIFF_TASK_CPUS, max_retries=ACTOR_RETRIES)(diff_shard)
-    pending = [diff.remote(task, job.input, job.output_uri, job.storage) for task in tasks]
+    source_of = {diff.remote(task, job.input, job.output_uri, job.storage): task.source for task in tasks}
+    pending = list(source_of)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        try:
+            yield ray.get(done[0])
+        except RayError as exc:  # its worker died every time (killed for memory?): this shard fails
+            yield {"source": source_of[done[0]], "error": f"comparing it died: {one_line(exc)}"}
 
 
 def _one(batch: pa.Table) -> dict:

@@ -289,12 +289,13 @@ def _clean_up(plan: Plan, manifest: Manifest, console: Console) -> set[str]:
     listed = {f.id for f in plan.fragments}
     for version in versions.list_versions(manifest.location):
         listed |= {r.fragment for r in versions.read_snapshot(manifest.location, version).fragments}
-    abandoned = committed - listed
+    unreadable = {failure.source for failure in plan.bad_shards}  # may read fine tomorrow: keep their work
+    abandoned = [r for r in manifest.records(committed - listed) if r.source not in unreadable]
     if abandoned:
-        manifest.remove_fragments(manifest.records(abandoned))
+        manifest.remove_fragments(abandoned)
         _say(console, f"removed {_count_of(len(abandoned), 'fragment')} of an unfinished version that no longer "
                       "matches the input or settings")
-    return committed - abandoned
+    return committed - {r.fragment for r in abandoned}
 
 
 def _plan_line(plan: Plan, current: versions.Snapshot | None, pending: int) -> str:

@@ -20,6 +20,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
+from pipeline.errors import OutputError
 from pipeline.manifest import CommitRecord
 from pipeline.storage import Location
 
@@ -112,8 +113,6 @@ def files(output_uri: str, version: int | None = None, storage=None) -> list[str
     location = Location.from_uri(output_uri, storage)
     snapshot = read_snapshot(location, version)
     if snapshot is None:
-        from pipeline.errors import OutputError
-
         which = "any published version" if version is None else f"a version {version}"
         raise OutputError(f"{output_uri} holds no {which} (see strata status {output_uri})")
     return [location.uri(path) for path in snapshot.files]
@@ -129,8 +128,6 @@ def collect_garbage(location: Location, keep: int, dry_run: bool = False) -> Col
 
     snapshots = [read_snapshot(location, version) for version in list_versions(location)]
     if not snapshots:
-        from pipeline.errors import OutputError
-
         raise OutputError(f"{location.uri()} holds no published version; nothing to collect")
     collection = collectable(snapshots, keep)
     if dry_run or not collection.versions:

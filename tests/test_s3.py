@@ -126,7 +126,7 @@ def test_killed_runs_on_s3_resume_to_every_document_once(ray_cluster, s3, tmp_pa
     killed = config(tmp_path, "killed", source, output="s3://corpus/killed", storage={"endpoint_url": endpoint})
     commits = lambda: len(fs.ls("corpus/killed/_manifest/fragments", refresh=True)) if fs.exists(  # noqa: E731
         "corpus/killed/_manifest/fragments") else 0
-    kill_repeatedly(killed, commits, 2, random.Random(11))
+    kill_repeatedly(killed, commits, 1, random.Random(11))
     final = start(killed)
     assert final.wait(timeout=600) == 0, final.stderr.read()
     expected, got = vectors_by_id(tmp_path / "straight"), vectors_by_id("corpus/killed", fs)

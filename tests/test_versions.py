@@ -20,7 +20,7 @@ from rich.console import Console
 from pipeline import versions
 from pipeline.config import parse_config
 from pipeline.errors import InputError
-from pipeline.runner import run
+from pipeline.runner import RunFailed, run
 
 from conftest import CORPUS
 
@@ -107,7 +107,7 @@ def assert_readme_readers_see(out: Path, docs: int) -> None:
       SELECT [ '{out}/' || f FOR f IN files ]
       FROM read_json('{out}/_manifest/versions/*.json', columns = {{version: 'INTEGER', files: 'VARCHAR[]'}})
       ORDER BY version DESC LIMIT 1)""")
-    assert con.sql("SELECT count(*), count(DISTINCT id) FROM read_parquet(getvariable('files'))").fetchone() == \
+    assert con.execute("SELECT count(*), count(DISTINCT id) FROM read_parquet(getvariable('files'))").fetchone() == \
         (docs, docs)
 
 
@@ -180,19 +180,28 @@ def test_changed_settings_re_embed_into_a_new_version_and_gc_keeps_the_newest(ra
     np.testing.assert_allclose(norms, 1, atol=1e-4)
     old_files = versions.read_snapshot(versions.Location.from_uri(str(out)), 1).files
 
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(out), "--json"],
-                            capture_output=True, text=True)
-    report = json.loads(result.stdout)
+    report = json.loads(subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(out), "--json"],
+                                       capture_output=True, text=True).stdout)
     assert report["current_version"] == 2
     assert [(v["version"], v["kind"], v["embedded"], v["docs"]) for v in report["versions"]] == [
         (1, "first", 40, 40), (2, "full", 40, 40)]
 
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "gc", str(out), "--keep", "1"],
-                            capture_output=True, text=True)
+    strata = lambda *args: subprocess.run([sys.executable, "-m", "pipeline.cli", *args],  # noqa: E731
+                                          capture_output=True, text=True)
+    result = strata("gc", str(out), "--keep", "1", "--dry-run")
+    assert "would remove version 1: 5 fragments" in result.stderr and all((out / p).exists() for p in old_files)
+    result = strata("gc", str(out), "--keep", "1")
     assert result.returncode == 0 and "removed version 1: 5 fragments, 5 data files" in result.stderr
     assert not any((out / path).exists() for path in old_files)
     assert versions.list_versions(versions.Location.from_uri(str(out))) == [2]
     assert snapshot_table(out).num_rows == 40
+    import gzip
+
+    (corpus / "s9.jsonl.gz").write_bytes(gzip.compress(b'{"id": "x", "text": "cut short"}\n' * 50)[:40])
+    with pytest.raises(RunFailed, match=r"0 fragments and 1 shard could not be embedded \(s9.jsonl.gz"):
+        run(config(corpus, out, outputs=normalized), console=Console(file=io.StringIO()))
+    assert versions.list_versions(versions.Location.from_uri(str(out))) == [2]  # readers still get version 2
+    (corpus / "s9.jsonl.gz").unlink()
     with pytest.raises(InputError, match=r"changed since version 2 .* `strata run --incremental` embeds only what "
                                          r"changed into version 3"):
         shards["s0.jsonl"][0]["text"] += "!"
