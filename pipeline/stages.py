@@ -29,7 +29,7 @@ from pipeline.config import InputConfig, StorageConfig
 from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
 from pipeline.errors import StrataError, one_line
 from pipeline.changes import content_hashes, index_table
-from pipeline.incremental import carried_rows, read_changes, split_by_changes
+from pipeline.incremental import carried_rows, changes_name, read_changes, split_by_changes
 from pipeline.manifest import HASHES_DIR, CommitRecord, FailureRecord, Manifest
 from pipeline.model import local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
@@ -54,8 +54,6 @@ class JobSpec:
     changes_dir: str | None = None  # where the changed shards' diffs are (incremental versions only)
 
     def changes_uri(self, source: str) -> str | None:
-        from pipeline.incremental import changes_name
-
         if self.changes_dir is None:
             return None
         return Location.from_uri(self.output_uri, self.storage).uri(self.changes_dir, changes_name(source))
