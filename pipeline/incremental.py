@@ -46,18 +46,23 @@ def changes_name(source: str) -> str:
 def diff_shard(task: DiffTask, cfg: InputConfig, output_uri: str, storage: StorageConfig | None = None) -> dict:
     """Counts of added/changed/unchanged/deleted documents and the shard's rows, or an error
     saying why the shard could not be compared. A changes file already there (a resumed run)
-    is reused: the diff of the same input against the same version is the same."""
+    is reused when it was made from the same shard version: the diff of the same input against
+    the same version is the same. A shard edited again since is compared anew."""
     location = Location.from_uri(output_uri, storage)
+    shard_version = task.shard.version if task.shard else ""
     try:
         if location.exists(task.changes_file):
             with location.fs.open(location.path(task.changes_file), "rb") as f:
-                counts = json.loads(pq.read_schema(f).metadata[COUNTS_KEY.encode()])
-            return {"source": task.source, **counts, "error": ""}
+                done = json.loads(pq.read_schema(f).metadata[COUNTS_KEY.encode()])
+            if task.shard is None or (shard_version and done.pop("shard_version", None) == shard_version):
+                done.pop("shard_version", None)
+                return {"source": task.source, **done, "error": ""}
         old = _old_index(location, task.old_fragments)
         new, rows = _new_index(task.shard, cfg, storage) if task.shard else (INDEX_SCHEMA.empty_table(), 0)
         changes = diff(old, new)
         counts = {**count_changes(changes), "rows": rows}
-        location.write_bytes(parquet_bytes(changes, {COUNTS_KEY: json.dumps(counts)}), task.changes_file)
+        metadata = {COUNTS_KEY: json.dumps({**counts, "shard_version": shard_version})}
+        location.write_bytes(parquet_bytes(changes, metadata), task.changes_file)
     except Exception as exc:  # noqa: BLE001 - an unreadable shard fails this shard, not the run
         reason = str(exc) if isinstance(exc, (InputError, OutputError)) else one_line(exc)
         return {"source": task.source, "error": reason}
@@ -83,7 +88,7 @@ def _new_index(shard: Shard, cfg: InputConfig, storage: StorageConfig | None) ->
     rows = count_rows(fs, shard)
     ranges = [(start, min(start + DIFF_CHUNK_ROWS, rows)) for start in range(0, rows, DIFF_CHUNK_ROWS)]
     parts = [index_table(chunk.docs["id"], content_hashes(chunk.docs, cfg.keep_fields), chunk.docs["row"])
-             for chunk in read_ranges(fs, shard, ranges, cfg)]
+             for chunk in (read_ranges(fs, shard, ranges, cfg) if ranges else [])]
     return (pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()), rows
 
 

@@ -83,3 +83,36 @@ def test_gc_drops_old_versions_and_only_the_fragments_no_kept_version_lists():
     kept_one = collectable(snaps, keep=1)
     assert kept_one.versions == [1, 2] and [r.fragment for r in kept_one.fragments] == ["b", "c"]
     assert collectable(snaps, keep=5).versions == []
+
+
+def test_diff_shard_writes_its_changes_once_and_handles_empty_and_broken_shards(tmp_path):
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    from pipeline.config import InputConfig
+    from pipeline.incremental import DiffTask, diff_shard
+    from pipeline.sources import list_shards
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
+                   corpus / "empty.parquet")
+    (corpus / "two.jsonl").write_text('{"id": "a", "text": "A"}\n\n{"id": "b", "text": "B"}\n')
+    (corpus / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"id": "x", "text": "X"}\n' * 40)[:30])
+    cfg, out = InputConfig(uri=str(corpus)), str(tmp_path / "out")
+    results = {}
+    for shard in list_shards(cfg):
+        task = DiffTask(shard.source, shard, (), f"changes/{shard.source}.parquet")
+        results[shard.source] = diff_shard(task, cfg, out)
+    assert results["empty.parquet"] == {"source": "empty.parquet", "added": 0, "changed": 0, "unchanged": 0,
+                                        "deleted": 0, "rows": 0, "error": ""}
+    assert (results["two.jsonl"]["added"], results["two.jsonl"]["rows"]) == (2, 3)  # a blank line is a row
+    assert results["cut.jsonl.gz"]["error"].startswith("cannot read shard cut.jsonl.gz")
+    written = (tmp_path / "out" / "changes" / "two.jsonl.parquet").stat().st_mtime_ns
+    again = diff_shard(DiffTask("two.jsonl", list_shards(cfg)[-1], (), "changes/two.jsonl.parquet"), cfg, out)
+    assert again == results["two.jsonl"]  # a resumed run reuses the diff of the same shard version
+    assert (tmp_path / "out" / "changes" / "two.jsonl.parquet").stat().st_mtime_ns == written
+    (corpus / "two.jsonl").write_text('{"id": "a", "text": "A"}\n')  # edited again before the rerun
+    edited = diff_shard(DiffTask("two.jsonl", list_shards(cfg)[-1], (), "changes/two.jsonl.parquet"), cfg, out)
+    assert (edited["added"], edited["rows"]) == (1, 1)
