@@ -112,9 +112,9 @@ def assert_readme_readers_see(out: Path, docs: int) -> None:
 
 
 def killed_run(cfg_path: Path, after_commits: int) -> None:
-    """`strata run` in its own session, killed by SIGKILL once it committed some fragments."""
+    """`strata run --incremental` in its own session, killed by SIGKILL once it committed some fragments."""
     env = {**os.environ, "STRATA_FAULT": f"kill-run-at:{after_commits}"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg_path)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(cfg_path), "--incremental"], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, stderr
@@ -156,7 +156,7 @@ def test_incremental_versions_embed_only_what_changed(ray_cluster, tmp_path):
 
     # a run killed midway through version 2, then rerun, publishes the same version 2
     cfg_path = tmp_path / "twin.yaml"
-    cfg_path.write_text(json.dumps(config(corpus, twin).model_dump(mode="json")))
+    cfg_path.write_text(json.dumps(config(corpus, twin, run={"mode": "once"}).model_dump(mode="json")))  # --incremental
     killed_run(cfg_path, after_commits=2)
     assert versions.list_versions(versions.Location.from_uri(str(twin))) == [1]
     resumed, log = quiet_run(config(corpus, twin))
