@@ -82,7 +82,7 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
         raise StrataError(f"{output_uri} holds no strata run (no _manifest/run.json)")
     plan = run_info["plan"]
     records = [r for r in manifest.records() if r.version == plan.get("version", 1)]
-    snapshots = [versions.read_snapshot(manifest.location, v) for v in versions.list_versions(manifest.location)]
+    snapshots = versions.all_snapshots(manifest.location)
     totals = snapshots[-1].counts if snapshots else {
         key: sum(getattr(r, key) for r in records) for key in ("docs", "quarantined", "blank", "tokens")}
     failures = manifest.failures()
@@ -140,16 +140,16 @@ def gc(output_uri: str = typer.Argument(..., help="Output location"),
        dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed")):
     """Remove old versions of an output and the files that only they use."""
     from pipeline import versions
+    from pipeline.progress import count_of
     from pipeline.storage import Location
 
     done = versions.collect_garbage(Location.from_uri(output_uri), keep, dry_run)
     if not done.versions:
         err.print(f"nothing to remove: {output_uri} holds no more than {keep} versions", markup=False, highlight=False)
         return
-    count = lambda n, noun: f"{n:,} {noun}" + ("" if n == 1 else "s")  # noqa: E731
     err.print(f"{'would remove' if dry_run else 'removed'} {'version' if len(done.versions) == 1 else 'versions'} "
-              f"{', '.join(map(str, done.versions))}: {count(len(done.fragments), 'fragment')}, "
-              f"{count(sum(len(r.files) for r in done.fragments), 'data file')} that no kept version uses",
+              f"{', '.join(map(str, done.versions))}: {count_of(len(done.fragments), 'fragment')}, "
+              f"{count_of(sum(len(r.files) for r in done.fragments), 'data file')} that no kept version uses",
               markup=False, highlight=False)
 
 

@@ -54,8 +54,8 @@ def diff_shard(task: DiffTask, cfg: InputConfig, output_uri: str, storage: Stora
         if location.exists(task.changes_file):
             with location.fs.open(location.path(task.changes_file), "rb") as f:
                 done = json.loads(pq.read_schema(f).metadata[COUNTS_KEY.encode()])
-            if task.shard is None or (shard_version and done.pop("shard_version", None) == shard_version):
-                done.pop("shard_version", None)
+            compared = done.pop("shard_version", "")
+            if task.shard is None or (shard_version and compared == shard_version):
                 return {"source": task.source, **done, "error": ""}
         old = _old_index(location, task.old_fragments)
         new, rows = _new_index(task.shard, cfg, storage) if task.shard else (INDEX_SCHEMA.empty_table(), 0)

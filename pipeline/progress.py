@@ -58,6 +58,11 @@ class RunProgress:
             )
 
 
+def count_of(n: int, noun: str) -> str:
+    """A count with its noun for messages: 1 shard, 2 shards."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def summary_table(summary: dict) -> Table:
     table = Table(title="strata run summary", show_header=False)
     labels = [

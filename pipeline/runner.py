@@ -24,7 +24,7 @@ from pipeline.lease import Lease, OutputBusy
 from pipeline.manifest import CommitRecord, FailureRecord, Manifest, check_writable
 from pipeline.model import ModelInfo, resolve_model
 from pipeline.output import file_metadata
-from pipeline.progress import RunProgress, summary_table
+from pipeline.progress import RunProgress, count_of, summary_table
 from pipeline.sources import Shard, count_rows, list_shards
 from pipeline.spec import EmbedSettings, ResolvedOutput, resolve_output
 from pipeline.stages import JobSpec
@@ -178,12 +178,12 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
                       "other settings")
     work, gone = _compare_with(plan, current, shards)
     if current and not (work or gone or plan.kind == "full"):
-        return _nothing_to_do(plan, current, manifest, console, started)
+        return _nothing_to_do(plan, current, console, started)
     if current and config.run.mode == "once":
         changed = sorted([s.source for s in work] + gone)
         raise InputError(
             f"the input changed since version {current.version} of {config.output.uri} was published: "
-            f"{_count_of(len(changed), 'shard')} new, edited or deleted ({', '.join(changed[:3])}"
+            f"{count_of(len(changed), 'shard')} new, edited or deleted ({', '.join(changed[:3])}"
             f"{', ...' if len(changed) > 3 else ''}); `strata run --incremental` embeds only what changed into "
             f"version {current.version + 1}, or embed into a new output.uri")
     if plan.kind == "incremental":
@@ -261,7 +261,7 @@ def _diff_and_cut(plan: Plan, current: versions.Snapshot, work: list[Shard], gon
         plan.changes = {kind: 0 for kind in KINDS}
         return
     ray_pipeline.ensure_ray()
-    _say(console, f"comparing {_count_of(len(tasks), 'shard')} with version {current.version}")
+    _say(console, f"comparing {count_of(len(tasks), 'shard')} with version {current.version}")
     by_source = {s.source: s for s in work}
     totals = {kind: 0 for kind in KINDS}
     good = []
@@ -287,13 +287,13 @@ def _clean_up(plan: Plan, manifest: Manifest, console: Console) -> set[str]:
     if removed:
         _say(console, f"removed {len(removed)} files an interrupted run left without a commit record")
     listed = {f.id for f in plan.fragments}
-    for version in versions.list_versions(manifest.location):
-        listed |= {r.fragment for r in versions.read_snapshot(manifest.location, version).fragments}
+    for snapshot in versions.all_snapshots(manifest.location):
+        listed |= {r.fragment for r in snapshot.fragments}
     unreadable = {failure.source for failure in plan.bad_shards}  # may read fine tomorrow: keep their work
     abandoned = [r for r in manifest.records(committed - listed) if r.source not in unreadable]
     if abandoned:
         manifest.remove_fragments(abandoned)
-        _say(console, f"removed {_count_of(len(abandoned), 'fragment')} of an unfinished version that no longer "
+        _say(console, f"removed {count_of(len(abandoned), 'fragment')} of an unfinished version that no longer "
                       "matches the input or settings")
     return committed - {r.fragment for r in abandoned}
 
@@ -312,8 +312,7 @@ def _plan_line(plan: Plan, current: versions.Snapshot | None, pending: int) -> s
     return line
 
 
-def _nothing_to_do(plan: Plan, current: versions.Snapshot, manifest: Manifest, console: Console,
-                   started: float) -> dict:
+def _nothing_to_do(plan: Plan, current: versions.Snapshot, console: Console, started: float) -> dict:
     _say(console, f"version {current.version} is current: no shard changed since it was published; nothing to do")
     plan.version, plan.carried, plan.shards = current.version, current.fragments, current.shards
     summary = summarize(plan, current.fragments, [], [], time.monotonic() - started)
@@ -450,14 +449,10 @@ def _check_failures(failed: list[FailureRecord], output_uri: str) -> None:
         fragments = sum(1 for f in failed if f.rows is not None)
         shards = len(failed) - fragments
         raise RunFailed(
-            f"{_count_of(fragments, 'fragment')} and {_count_of(shards, 'shard')} could not be embedded ({failed[0].source}: "
+            f"{count_of(fragments, 'fragment')} and {count_of(shards, 'shard')} could not be embedded ({failed[0].source}: "
             f"{failed[0].reason}); all reasons: strata status {output_uri}; committed work is kept and "
             "rerunning retries the failed parts"
         )
-
-
-def _count_of(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _check_error_budget(summary: dict, max_error_rate: float) -> None:

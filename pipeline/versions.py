@@ -85,6 +85,11 @@ def read_snapshot(location: Location, version: int | None = None) -> Snapshot | 
     return Snapshot.from_json(location.read_bytes(snapshot_path(version)))
 
 
+def all_snapshots(location: Location) -> list[Snapshot]:
+    """Every published version, oldest first."""
+    return [read_snapshot(location, version) for version in list_versions(location)]
+
+
 def publish(location: Location, snapshot: Snapshot) -> None:
     location.write_bytes(snapshot.to_json(), snapshot_path(snapshot.version))
 
@@ -126,7 +131,7 @@ def collect_garbage(location: Location, keep: int, dry_run: bool = False) -> Col
     from pipeline.lease import Lease
     from pipeline.manifest import Manifest
 
-    snapshots = [read_snapshot(location, version) for version in list_versions(location)]
+    snapshots = all_snapshots(location)
     if not snapshots:
         raise OutputError(f"{location.uri()} holds no published version; nothing to collect")
     collection = collectable(snapshots, keep)
