@@ -168,6 +168,29 @@ def read_ranges(
     records.close()
 
 
+def texts_at(cfg: InputConfig, wanted: list[tuple[str, int, str]], storage: StorageConfig | None = None
+             ) -> dict[tuple[str, int], str]:
+    """The texts at (source, row) that still hold document `id`, reading each shard once; a row
+    whose shard is gone, unreadable, or holds another document since is left out."""
+    by_source: dict[str, dict[int, str]] = {}
+    for source, row, doc_id in wanted:
+        by_source.setdefault(source, {})[row] = doc_id
+    shards = {shard.source: shard for shard in list_shards(cfg, storage)}
+    fs, _ = open_fs(cfg.uri, storage)
+    texts = {}
+    for source, rows in by_source.items():
+        if source not in shards:
+            continue
+        try:
+            for part in read_ranges(fs, shards[source], [(row, row + 1) for row in rows], cfg):
+                for doc_id, row, text in zip(*(part.docs[c].to_pylist() for c in ("id", "row", "text"))):
+                    if rows[row] == doc_id:
+                        texts[(source, row)] = text
+        except InputError:
+            continue
+    return texts
+
+
 def _line_records(fs, shard: Shard) -> Iterator[tuple[int, bytes]]:
     """(row, raw line); lines are parsed only once they fall inside a wanted range."""
     with fs.open(shard.path, "rb", compression=shard.compression) as f:
@@ -276,6 +299,11 @@ class _Builder:
         return self.out
 
 
+def has_visible_text(text: str) -> bool:
+    """Whether a text holds a character the tokenizer keeps (not only whitespace or control characters)."""
+    return bool(_VISIBLE.search(text))
+
+
 def _text_problem(text: object, field_name: str, present: bool) -> str | None:
     if not present:
         return f"no {field_name!r} field"
@@ -285,7 +313,7 @@ def _text_problem(text: object, field_name: str, present: bool) -> str | None:
         return f"{field_name!r} is a {type(text).__name__}, not a string"
     if not text.strip():
         return f"{field_name!r} is empty or whitespace"
-    if not _VISIBLE.search(text):
+    if not has_visible_text(text):
         return f"{field_name!r} holds only whitespace and control characters (NUL, ...)"
     return None
 
