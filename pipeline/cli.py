@@ -4,6 +4,8 @@
     strata status OUTPUT_URI [--json]
     strata gc OUTPUT_URI --keep N [--dry-run]
     strata validate CONFIG.yaml [--set ...]
+    strata index OUTPUT_URI --column NAME --to DB [--layer N] [--metric cosine|dot|l2] [--rebuild]
+    strata search DB "query text" [-k 10] [--where SQL] [--json]
     strata bench [--corpus FILE] [--docs N] [--model minilm|bert-base|FOLDER ...] [--json FILE]
     strata submit CONFIG.yaml --address http://HEAD:8265 [--follow] [--set ...]
     strata jobs list|show|logs|stop [JOB_ID] --address http://HEAD:8265
@@ -151,6 +153,71 @@ def gc(output_uri: str = typer.Argument(..., help="Output location"),
               f"{', '.join(map(str, done.versions))}: {count_of(len(done.fragments), 'fragment')}, "
               f"{count_of(sum(len(r.files) for r in done.fragments), 'data file')} that no kept version uses",
               markup=False, highlight=False)
+
+
+@app.command()
+def index(output_uri: str = typer.Argument(..., help="Output location of a run"),
+          column: str = typer.Option(..., "--column", help="The output column to index (a pooled one)"),
+          to: str = typer.Option(..., "--to", help="LanceDB database: a folder or s3:// URI, created if missing"),
+          table: Optional[str] = typer.Option(None, "--table", help="Table name (default: the column, plus "
+                                                                    "_layerN for a layer of a stacked column)"),
+          layer: Optional[int] = typer.Option(None, "--layer", help="For a stacked column: which layer, as in the "
+                                                                    "config (0 = embeddings, -1 = last)"),
+          metric: Optional[str] = typer.Option(None, "--metric", help="cosine | dot | l2 (default: the table's "
+                                                                      "own; cosine for a new table)"),
+          index_type: Optional[str] = typer.Option(None, "--index-type", help="hnsw (IVF_HNSW_SQ) | ivf_pq | none "
+                                                                                "(exact search only); default: the "
+                                                                                "table's own, hnsw for a new one"),
+          rebuild: bool = typer.Option(False, "--rebuild", help="Build the table anew, replacing what it holds"),
+          as_json: bool = typer.Option(False, "--json", help="Print what was done as JSON")):
+    """Build a LanceDB vector index of an output column, or bring it up to the output's current version."""
+    from pipeline.vector_index import IndexRequest, build_or_update
+
+    request = IndexRequest(output_uri, column, to, table, layer, metric, index_type, rebuild)
+    report = build_or_update(request, say=lambda line: err.print(line, markup=False, highlight=False))
+    if as_json:
+        out.print_json(json.dumps(report))
+
+
+@app.command()
+def search(index_uri: str = typer.Argument(..., help="LanceDB database made by strata index"),
+           query: str = typer.Argument(..., help="Text to search for"),
+           k: int = typer.Option(10, "-k", "--k", min=1, help="How many nearest documents"),
+           table: Optional[str] = typer.Option(None, "--table", help="Table, when the database holds several"),
+           where: Optional[str] = typer.Option(None, "--where", help="SQL filter on the kept fields, e.g. "
+                                                                     "\"lang = 'en'\""),
+           exact: bool = typer.Option(False, "--exact", help="Compare with every vector, bypassing the ANN index"),
+           text: bool = typer.Option(True, "--text/--no-text", help="Show each result's text, read from the input"),
+           as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON")):
+    """Nearest documents to a text, embedded with the exact settings of the indexed vectors."""
+    from pipeline.vector_index import search as search_index
+
+    result = search_index(index_uri, [query], k, table, where, exact, with_text=text)
+    hits, info = result.hits[0], result.info
+    if as_json:
+        out.print_json(json.dumps({"index": index_uri, "table": result.table, "column": info.column,
+                                   "layer": info.layer, "metric": info.metric, "version": info.version,
+                                   "query": query, "results": hits}, default=str))
+        return
+    score = {"cosine": "cosine", "dot": "dot", "l2": "l2 distance"}[info.metric]
+    columns = [name for name in (hits[0] if hits else {}) if name not in ("rank", "score")]
+    found = Table(Column("#", justify="right"), Column(score, justify="right"),
+                  *(Column(name, no_wrap=name != "text", ratio=3 if name == "text" else None) for name in columns),
+                  title=f"{result.table}: column {info.column}" + ("" if info.layer is None else f" layer {info.layer}")
+                        + f", version {info.version}")
+    for hit in hits:
+        found.add_row(str(hit["rank"]), f"{hit['score']:.4f}", *(_cell(hit[name], 160 if name == "text" else 60)
+                                                                 for name in columns))
+    out.print(found)
+    missing = sum(1 for hit in hits if text and hit["text"] is None)
+    if missing:
+        err.print(f"no text for {missing} of {len(hits)} results: the input ({info.identity['input']['uri']}) no "
+                  "longer holds them at their rows, or cannot be read from here", markup=False, highlight=False)
+
+
+def _cell(value, width: int) -> str:
+    text = "" if value is None else " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @app.command()

@@ -54,3 +54,53 @@ def corpus_copy(tmp_path) -> Path:
 def write_config(path: Path, **sections) -> Path:
     path.write_text(yaml.safe_dump(sections, sort_keys=False))
     return path
+
+
+def passages() -> list[dict]:
+    """About 2,000 distinct real passages: the sample corpus split at sentences and paragraphs,
+    each with the id of the document it comes from (`doc`)."""
+    import gzip
+    import json
+    import re
+
+    docs = [json.loads(line) for line in (CORPUS / "part-0.jsonl").read_text().splitlines()]
+    docs += [json.loads(line) for line in gzip.open(CORPUS / "part-1.jsonl.gz", "rt")]
+    seen, found = set(), []
+    for doc in docs:
+        for i, part in enumerate(re.split(r"(?<=[.!?])\s+|\n\s*\n", doc["text"])):
+            text = " ".join(part.split())
+            if len(text) >= 40 and text not in seen:
+                seen.add(text)
+                found.append({"id": f"{doc['id']}/{i}", "text": text, "doc": doc["id"]})
+    return found
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def passage_output(ray_cluster, tmp_path_factory):
+    """A run over ~2,000 passages: a sentence vector, all layers stacked, CLS of two middle layers
+    concatenated; sliding windows of 64 tokens, so long passages are embedded as several windows."""
+    from pipeline.config import parse_config
+    from pipeline.runner import run
+
+    root = tmp_path_factory.mktemp("passages")
+    docs = passages()
+    write_jsonl(root / "passages.jsonl", docs)
+    cfg = parse_config({
+        "input": {"uri": str(root / "passages.jsonl"), "keep_fields": ["doc"]},
+        "model": {"max_length": 64},
+        "outputs": [{"name": "sentence", "layers": [-1], "pooling": "mean", "combine": "concat", "normalize": True},
+                    {"name": "layers", "layers": "all", "pooling": "mean", "combine": "stack"},
+                    {"name": "cls_mid", "layers": [2, 3], "pooling": "cls", "combine": "concat"}],
+        "long_text": {"strategy": "sliding_window", "stride": 16},
+        "batching": {"fragment_docs": 1024},
+        "output": {"uri": str(root / "out"), "precision": "float32"},
+    })
+    assert run(cfg)["docs"] == len(docs)
+    return root / "out", {doc["id"]: doc for doc in docs}
