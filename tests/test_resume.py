@@ -84,7 +84,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(ray_cluster, tmp_path):
 
     cfg = config(tmp_path, "killed", source)
     out = tmp_path / "killed"
-    kill_repeatedly(cfg, lambda: commits(out), 2, random.Random(7))
+    kill_repeatedly(cfg, lambda: commits(out), 1, random.Random(7))
     for record in (out / "_manifest" / "fragments").glob("*.json"):  # a record implies its files
         assert all((out / f).is_file() for f in json.loads(record.read_text())["files"])
     final = start(cfg)
