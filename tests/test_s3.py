@@ -175,3 +175,16 @@ def test_incremental_version_on_s3_carries_copies_and_collects(ray_cluster, s3):
     assert [p.rsplit("/", 1)[-1] for p in fs.find("corpus/inc-out/_manifest/versions")] == [
         "00000002.json", changes_name("a.jsonl")]
     assert ds.dataset([f.removeprefix("s3://") for f in files], filesystem=fs).count_rows() == 39
+
+
+def test_index_on_object_storage_and_search_it(ray_cluster, s3):
+    endpoint, fs = s3
+    assert run(cfg(endpoint, "s3://corpus/in/part-0.jsonl", "s3://corpus/idx-out"))["docs"] == 150
+    built = strata("index", "s3://corpus/idx-out", "--column", "v", "--to", "s3://corpus/index", endpoint=endpoint)
+    assert built.returncode == 0 and "indexed version 1 of s3://corpus/idx-out (150 rows" in built.stderr, built.stderr
+    assert any(path.endswith(".lance") for path in fs.find("corpus/index/v.lance"))
+    doc = json.loads((CORPUS / "part-0.jsonl").read_text().splitlines()[20])
+    found = strata("search", "s3://corpus/index", doc["text"], "-k", "2", "--json", endpoint=endpoint)
+    assert found.returncode == 0, found.stderr
+    first = json.loads(found.stdout)["results"][0]
+    assert (first["id"], first["source"], first["text"]) == (doc["id"], "part-0.jsonl", doc["text"])
