@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+import re
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -147,13 +148,21 @@ def connect(uri: str):
     try:
         return lancedb.connect(uri, storage_options=options or None)
     except Exception as exc:  # noqa: BLE001 - a bad path, no such bucket, no credentials
-        raise OutputError(f"cannot open the index at {uri}: {one_line(exc)}") from None
+        raise OutputError(f"cannot open the index at {uri}: {_lance_error(exc)}") from None
 
 
-def table_names(db) -> list[str]:
+def _lance_error(exc: BaseException) -> str:
+    """LanceDB's error as one line, without the Rust source location it appends."""
+    return re.sub(r",? /\S+\.rs:\d+:\d+", "", one_line(exc))
+
+
+def table_names(db, uri: str) -> list[str]:
     names, page = [], None
     while True:
-        response = db.list_tables(page_token=page)
+        try:
+            response = db.list_tables(page_token=page)
+        except Exception as exc:  # noqa: BLE001 - no such bucket, no credentials, unreachable store
+            raise OutputError(f"cannot list the index at {uri}: {_lance_error(exc)}") from None
         names += response.tables
         page = response.page_token
         if not page:
@@ -162,7 +171,7 @@ def table_names(db) -> list[str]:
 
 def open_table(db, uri: str, name: str | None):
     """(table, info) of an index; `name` may be left out when the database holds one table."""
-    names = table_names(db)
+    names = table_names(db, uri)
     if name is None:
         if len(names) != 1:
             raise StrataError(f"{uri} holds {'no index tables' if not names else 'tables ' + ', '.join(names)}; "
@@ -175,8 +184,14 @@ def open_table(db, uri: str, name: str | None):
 
 
 def read_info(table) -> IndexInfo | None:
-    raw = (table.schema.field("vector").metadata or {}).get(META_KEY.encode()) if "vector" in table.schema.names else None
-    return IndexInfo(**json.loads(raw)) if raw else None
+    """The table's `strata.index` metadata; None for a table strata did not make."""
+    if "vector" not in table.schema.names:
+        return None
+    raw = (table.schema.field("vector").metadata or {}).get(META_KEY.encode())
+    if not raw:
+        return None
+    known = {f.name for f in fields(IndexInfo)}  # a newer strata may record more
+    return IndexInfo(**{key: value for key, value in json.loads(raw).items() if key in known})
 
 
 def _write_info(table, info: IndexInfo) -> None:
@@ -268,7 +283,7 @@ def _rows(location: Location, records: list[CommitRecord], source: VectorSource,
 
 
 def _existing(db, uri: str, name: str):
-    if name not in table_names(db):
+    if name not in table_names(db, uri):
         return None, None
     table, info = open_table(db, uri, name)
     if info is None:
@@ -381,7 +396,8 @@ def nearest(table, info: IndexInfo, vector: np.ndarray, k: int, where: str | Non
     try:
         hits = query.to_arrow().drop_columns(["vector"])
     except Exception as exc:  # noqa: BLE001 - a bad --where expression
-        raise StrataError(f"search failed: {one_line(exc)}") from None
+        what = f"the filter --where {where!r}" if where else "the search"
+        raise StrataError(f"{what} failed: {_lance_error(exc)}") from None
     rows = hits.to_pylist()
     return [{"rank": rank, "score": score(row.pop("_distance"), info.metric), **row}
             for rank, row in enumerate(rows, 1)]

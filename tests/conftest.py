@@ -104,3 +104,33 @@ def passage_output(ray_cluster, tmp_path_factory):
     })
     assert run(cfg)["docs"] == len(docs)
     return root / "out", {doc["id"]: doc for doc in docs}
+
+
+@pytest.fixture(scope="session")
+def straight_run_of_resume_corpus(ray_cluster, tmp_path_factory):
+    """(corpus, output) of the uninterrupted run that the kill-and-resume tests compare with."""
+    from test_resume import config, corpus, straight_run
+
+    root = tmp_path_factory.mktemp("resume")
+    source = corpus(root / "in")
+    straight_run(config(root, "straight", source))
+    return source, root / "straight"
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`strata ARGS` in this process, as its console script runs it: (exit code, stdout, stderr)."""
+    import sys
+
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    argv, sys.argv = sys.argv, ["strata", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -78,10 +78,8 @@ def straight_run(cfg: Path) -> None:
     assert run(load_config(cfg), console=Console(file=io.StringIO()))["docs"] == DOCS
 
 
-def test_killed_runs_resume_to_the_uninterrupted_result(ray_cluster, tmp_path):
-    source = corpus(tmp_path / "in")
-    straight_run(config(tmp_path, "straight", source))
-
+def test_killed_runs_resume_to_the_uninterrupted_result(straight_run_of_resume_corpus, tmp_path):
+    source, straight = straight_run_of_resume_corpus
     cfg = config(tmp_path, "killed", source)
     out = tmp_path / "killed"
     kill_repeatedly(cfg, lambda: commits(out), 1, random.Random(7))
@@ -90,7 +88,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(ray_cluster, tmp_path):
     final = start(cfg)
     assert final.wait(timeout=600) == 0, final.stderr.read()
 
-    expected, got = vectors_by_id(tmp_path / "straight"), vectors_by_id(out)
+    expected, got = vectors_by_id(straight), vectors_by_id(out)
     assert len(got) == DOCS and got.keys() == expected.keys()
     for doc_id, vector in expected.items():
         np.testing.assert_array_equal(got[doc_id], vector)  # fp32 on CPU: bitwise

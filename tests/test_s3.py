@@ -17,7 +17,7 @@ import s3fs
 from pipeline.config import parse_config
 from pipeline.runner import run
 
-from conftest import CORPUS, write_config
+from conftest import CORPUS, cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -117,19 +117,18 @@ def test_model_folder_from_s3_is_cached_verified_and_gives_the_same_vectors(ray_
     assert len([c for c in cached if ".tmp-" not in c.name]) == 1  # fetched once, driver and workers alike
 
 
-def test_killed_runs_on_s3_resume_to_every_document_once(ray_cluster, s3, tmp_path):
-    from test_resume import DOCS, config, corpus, kill_repeatedly, start, straight_run, vectors_by_id
+def test_killed_runs_on_s3_resume_to_every_document_once(straight_run_of_resume_corpus, s3, tmp_path):
+    from test_resume import DOCS, config, kill_repeatedly, start, vectors_by_id
 
     endpoint, fs = s3
-    source = corpus(tmp_path / "in")
-    straight_run(config(tmp_path, "straight", source))
+    source, straight = straight_run_of_resume_corpus
     killed = config(tmp_path, "killed", source, output="s3://corpus/killed", storage={"endpoint_url": endpoint})
     commits = lambda: len(fs.ls("corpus/killed/_manifest/fragments", refresh=True)) if fs.exists(  # noqa: E731
         "corpus/killed/_manifest/fragments") else 0
     kill_repeatedly(killed, commits, 1, random.Random(11))
     final = start(killed)
     assert final.wait(timeout=600) == 0, final.stderr.read()
-    expected, got = vectors_by_id(tmp_path / "straight"), vectors_by_id("corpus/killed", fs)
+    expected, got = vectors_by_id(straight), vectors_by_id("corpus/killed", fs)
     assert len(got) == DOCS and got.keys() == expected.keys()
     for doc_id, vector in expected.items():
         np.testing.assert_array_equal(got[doc_id], vector)
@@ -177,14 +176,15 @@ def test_incremental_version_on_s3_carries_copies_and_collects(ray_cluster, s3):
     assert ds.dataset([f.removeprefix("s3://") for f in files], filesystem=fs).count_rows() == 39
 
 
-def test_index_on_object_storage_and_search_it(ray_cluster, s3):
+def test_index_on_object_storage_and_search_it(ray_cluster, s3, monkeypatch, capsys):
     endpoint, fs = s3
     assert run(cfg(endpoint, "s3://corpus/in/part-0.jsonl", "s3://corpus/idx-out"))["docs"] == 150
-    built = strata("index", "s3://corpus/idx-out", "--column", "v", "--to", "s3://corpus/index", endpoint=endpoint)
-    assert built.returncode == 0 and "indexed version 1 of s3://corpus/idx-out (150 rows" in built.stderr, built.stderr
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # as users point the CLI at their store
+    code, _, err = cli(capsys, "index", "s3://corpus/idx-out", "--column", "v", "--to", "s3://corpus/index")
+    assert code == 0 and "indexed version 1 of s3://corpus/idx-out (150 rows" in err, err
     assert any(path.endswith(".lance") for path in fs.find("corpus/index/v.lance"))
     doc = json.loads((CORPUS / "part-0.jsonl").read_text().splitlines()[20])
-    found = strata("search", "s3://corpus/index", doc["text"], "-k", "2", "--json", endpoint=endpoint)
-    assert found.returncode == 0, found.stderr
-    first = json.loads(found.stdout)["results"][0]
+    code, out, err = cli(capsys, "search", "s3://corpus/index", doc["text"], "-k", "2", "--json")
+    assert code == 0, err
+    first = json.loads(out)["results"][0]
     assert (first["id"], first["source"], first["text"]) == (doc["id"], "part-0.jsonl", doc["text"])

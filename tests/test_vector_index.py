@@ -3,8 +3,6 @@ finds it, updates follow incremental versions, and mistakes get one line that na
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +11,6 @@ import pyarrow.dataset as ds
 import pytest
 
 from pipeline import versions
-from typer.testing import CliRunner
-
-from pipeline.cli import app
 from pipeline.config import OutputSpec, parse_config
 from pipeline.errors import OutputError, StrataError
 from pipeline.runner import run
@@ -23,13 +18,9 @@ from pipeline.storage import Location
 from pipeline.vector_index import (IndexRequest, build_or_update, connect, moved_or_changed, nearest, open_table,
                                    score, search, vector_source)
 
-from conftest import passages, write_jsonl
+from conftest import cli, passages, write_jsonl
 
 README = Path(__file__).parents[1] / "README.md"
-
-
-def strata(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def current_rows(output: Path, column: str) -> pa.Table:
@@ -109,25 +100,24 @@ def test_ann_recall_at_10_against_exact_search_and_own_text_first(indexed, kind)
     assert all(hits[0]["score"] > 0.999 and hits[0]["score"] >= hits[1]["score"] for hits in result.hits)
 
 
-def test_cli_indexes_a_layer_of_a_stacked_column_and_searches_with_a_filter(passage_output, tmp_path):
+def test_cli_indexes_a_layer_of_a_stacked_column_and_searches_with_a_filter(passage_output, tmp_path, capsys):
     output, docs = passage_output
-    db = tmp_path / "db"
-    built = strata("index", str(output), "--column", "layers", "--layer", "3", "--to", str(db), "--json")
-    assert built.returncode == 0, built.stderr
-    assert json.loads(built.stdout)["table"] == "layers_layer3" and "indexed version 1" in built.stderr
+    db = str(tmp_path / "db")
+    code, out, err = cli(capsys, "index", str(output), "--column", "layers", "--layer", "3", "--to", db, "--json")
+    assert code == 0, err
+    assert json.loads(out)["table"] == "layers_layer3" and "indexed version 1" in err
     wanted = list(docs.values())[500]
-    found = strata("search", str(db), wanted["text"], "-k", "3", "--where", f"doc = '{wanted['doc']}'", "--json")
-    assert found.returncode == 0, found.stderr
-    answer = json.loads(found.stdout)
+    code, out, err = cli(capsys, "search", db, wanted["text"], "-k", "3", "--where", f"doc = '{wanted['doc']}'", "--json")
+    assert code == 0, err
+    answer = json.loads(out)
     assert (answer["column"], answer["layer"], answer["metric"], answer["version"]) == ("layers", 3, "cosine", 1)
     assert answer["results"][0]["id"] == wanted["id"] and answer["results"][0]["text"] == wanted["text"]
     assert {hit["doc"] for hit in answer["results"]} == {wanted["doc"]}
-    shown = CliRunner().invoke(app, ["search", str(db), wanted["text"], "-k", "2"], env={"COLUMNS": "200"})
-    assert shown.exit_code == 0, shown.output
-    assert "layers_layer3: column layers layer 3, version 1" in shown.output and wanted["id"] in shown.output
+    code, out, err = cli(capsys, "search", db, wanted["text"], "-k", "2")
+    assert code == 0 and "layers_layer3: column layers layer 3, version 1" in out and wanted["id"] in out, err
 
 
-def test_mistakes_get_one_line_that_names_the_fix(passage_output, tmp_path):
+def test_mistakes_get_one_line_that_names_the_fix(passage_output, tmp_path, capsys):
     output, _ = passage_output
     db = str(tmp_path / "db")
     build_or_update(IndexRequest(str(output), "sentence", db, table="t", index_type="none"))
@@ -147,10 +137,10 @@ def test_mistakes_get_one_line_that_names_the_fix(passage_output, tmp_path):
         build_or_update(IndexRequest(str(tmp_path), "sentence", db))
     with pytest.raises(StrataError, match="unknown metric 'manhattan'"):
         build_or_update(IndexRequest(str(output), "sentence", db, metric="manhattan"))
-    cli = strata("index", str(output), "--column", "layers", "--to", db)
-    assert cli.returncode == 1 and cli.stderr.strip().count("\n") == 0, cli.stderr
-    assert cli.stderr.startswith("error: column 'layers' stacks 7 layers [0, 1, 2, 3, 4, 5, 6] per row; choose one "
-                                 "with --layer"), cli.stderr
+    code, _, err = cli(capsys, "index", str(output), "--column", "layers", "--to", db)
+    assert code == 1 and err.strip().count("\n") == 0, err
+    assert err.startswith("error: column 'layers' stacks 7 layers [0, 1, 2, 3, 4, 5, 6] per row; choose one "
+                          "with --layer"), err
 
 
 def test_readme_faiss_example_finds_the_exact_neighbours(passage_output):
