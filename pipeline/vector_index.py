@@ -262,10 +262,10 @@ def _describe(location: Location, snapshot: versions.Snapshot, request: IndexReq
 
 def _schema(file_schema: pa.Schema, info: IndexInfo, keep_fields: list[str], marked: bool = False) -> pa.Schema:
     """The table's schema; `marked` adds the info (a new table is strata's from its first commit)."""
-    fields = [file_schema.field(name) for name in (*ROW_COLUMNS, *keep_fields) if name in file_schema.names]
+    kept = [file_schema.field(name) for name in (*ROW_COLUMNS, *keep_fields) if name in file_schema.names]
     column = file_schema.field(info.column).type
     vector = column.value_type if info.position is not None else column
-    return pa.schema([*fields, pa.field("vector", vector, metadata={META_KEY: json.dumps(asdict(info))} if marked else None)])
+    return pa.schema([*kept, pa.field("vector", vector, metadata={META_KEY: json.dumps(asdict(info))} if marked else None)])
 
 
 def _rows(location: Location, records: list[CommitRecord], source: VectorSource, keep_fields: list[str],
@@ -293,10 +293,10 @@ def _existing(db, uri: str, name: str):
 
 
 def _check_same_origin(held: IndexInfo, wanted: IndexInfo, where: str) -> None:
-    if held.dims != wanted.dims and held.output == wanted.output and held.column == wanted.column:
-        return  # the settings changed the vectors' size: the version replay rebuilds it
-    differ = [f"{key} {getattr(held, key)!r} (now {getattr(wanted, key)!r})"
-              for key in ("output", "column", "layer", "dims", "metric", "index_type")
+    # other settings may change the vectors' size; the version replay then rebuilds the table
+    keys = ("output", "column", "layer", "metric", "index_type") + (("dims",) if held.fingerprint == wanted.fingerprint
+                                                                    else ())
+    differ = [f"{key} {getattr(held, key)!r} (now {getattr(wanted, key)!r})" for key in keys
               if getattr(held, key) != getattr(wanted, key)]
     if differ:
         raise StrataError(f"{where} was built with another {', '.join(differ)}; pass --rebuild to "
