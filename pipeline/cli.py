@@ -6,6 +6,7 @@
     strata validate CONFIG.yaml [--set ...]
     strata index OUTPUT_URI --column NAME --to DB [--layer N] [--metric cosine|dot|l2] [--rebuild]
     strata search DB "query text" [-k 10] [--where SQL] [--json]
+    strata probe OUTPUT_URI --label FIELD [--column NAME ...] [--report DIR] [--json]
     strata bench [--corpus FILE] [--docs N] [--model minilm|bert-base|FOLDER ...] [--json FILE]
     strata submit CONFIG.yaml --address http://HEAD:8265 [--follow] [--set ...]
     strata jobs list|show|logs|stop [JOB_ID] --address http://HEAD:8265
@@ -218,6 +219,48 @@ def search(index_uri: str = typer.Argument(..., help="LanceDB database made by s
 def _cell(value, width: int) -> str:
     text = "" if value is None else " ".join(str(value).split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@app.command()
+def probe(output_uri: str = typer.Argument(..., help="Output location of a run that kept the label field"),
+          label: str = typer.Option(..., "--label", help="The kept field to predict, e.g. label"),
+          column: Optional[list[str]] = typer.Option(None, "--column", help="A stacked column to probe (repeatable; "
+                                                                            "default: every stacked column)"),
+          folds: int = typer.Option(5, "--folds", min=2, max=20, help="Stratified cross-validation folds"),
+          max_docs: int = typer.Option(20000, "--max-docs", min=10, help="Probe a stratified sample of at most "
+                                                                         "this many documents"),
+          seed: int = typer.Option(0, "--seed", help="Seed of the sample, the folds and the anisotropy pairs"),
+          report: str = typer.Option("probe-report", "--report", help="Folder for probe.json, probe.png and "
+                                                                      "probe.html (local or s3://)"),
+          as_json: bool = typer.Option(False, "--json", help="Print the report as JSON")):
+    """Which layer suits a labeled task: a logistic-regression probe per layer, cross-validated."""
+    from pipeline.probe_report import run_probe, write_report
+
+    result = run_probe(output_uri, label, column, folds, max_docs, seed)
+    written = write_report(result, report)
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(probe_table(result))
+    best = result["recommended"]
+    err.print(f"recommended: layer {best['layer']} of column {best['column']}; report: {written[2]}",
+              markup=False, highlight=False)
+
+
+def probe_table(result: dict) -> Table:
+    table = Table("column", Column("layer", justify="right"), Column("accuracy", justify="right"),
+                  Column("macro-F1", justify="right"), Column("95 % interval", justify="right"),
+                  Column("anisotropy", justify="right"),
+                  title=f"strata probe: {result['label']!r}, {result['documents']:,} documents, "
+                        f"{len(result['classes'])} classes, {result['folds']}-fold")
+    best = result["recommended"]
+    for column in result["columns"]:
+        for score, cosine in zip(column["scores"], column["anisotropy"]):
+            chosen = (column["column"], score["layer"]) == (best["column"], best["layer"])
+            table.add_row(column["column"], str(score["layer"]), f"{score['accuracy']['mean']:.3f}",
+                          f"{score['macro_f1']['mean']:.3f}" + (" ←" if chosen else ""),
+                          f"{score['macro_f1']['low']:.3f}–{score['macro_f1']['high']:.3f}", f"{cosine:.3f}")
+    return table
 
 
 @app.command()

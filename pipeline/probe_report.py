@@ -1,0 +1,205 @@
+"""`strata probe`: read an output's stacked vectors and a kept label, probe every layer, and write
+the report: probe.json (every number), probe.png (score and anisotropy per layer) and
+probe.html (plot, table, recommended layer and run config in one file a browser opens from disk).
+
+The math is in `probe.py`; this module reads the current version's files and renders.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from pipeline import probe, versions
+from pipeline.config import StorageConfig
+from pipeline.errors import OutputError, StrataError
+from pipeline.storage import Location
+
+MAX_DOCS = 20000  # a stratified sample of this many documents is plenty for a linear probe
+
+
+def stacked_columns(identity: dict, wanted: list[str] | None) -> list[dict]:
+    """The outputs with one vector per layer (combine: stack over several layers, pooled)."""
+    outputs = {spec["name"]: spec for spec in identity["outputs"]}
+    stacked = [spec for spec in outputs.values() if spec["combine"] == "stack" and spec["pooling"] not in
+               ("none", "first_last_avg")]
+    for name in wanted or []:
+        if name not in outputs:
+            raise StrataError(f"the output has no column {name!r}; its columns: {', '.join(outputs)}")
+        if outputs[name] not in stacked:
+            raise StrataError(f"column {name!r} holds no per-layer vectors (pooling {outputs[name]['pooling']}, "
+                              f"combine {outputs[name]['combine']}); probe a column with combine: stack")
+    if not stacked:
+        raise StrataError("the output has no per-layer vectors to probe: add an output with layers: all, "
+                          "combine: stack (pooling cls, mean or max) and run again")
+    return [outputs[name] for name in wanted] if wanted else stacked
+
+
+def check_labels(labels: np.ndarray, label: str, folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, documents per class), refused when a probe cannot learn or be cross-validated."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        which = f"one class ({str(classes[0])!r})" if len(classes) else "no values"
+        raise StrataError(f"label {label!r} has {which}: a probe needs two classes or more")
+    if counts.min() < folds:
+        raise StrataError(f"label {label!r} has only {counts.min()} documents of class {str(classes[counts.argmin()])!r}; "
+                          f"{folds}-fold cross-validation needs {folds} per class (try --folds {max(2, counts.min())})")
+    return classes, counts
+
+
+def sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Row indices: all of them, or a stratified sample of `limit` (each label in proportion)."""
+    if len(labels) <= limit:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == value))[:max(1, round(limit * np.mean(labels == value)))]
+              for value in np.unique(labels)]
+    return np.sort(np.concatenate(picked))
+
+
+def run_probe(output_uri: str, label: str, columns: list[str] | None = None, folds: int = 5, max_docs: int = MAX_DOCS,
+              seed: int = 0, storage: StorageConfig | None = None) -> dict:
+    """Every number of the report, as plain data."""
+    location = Location.from_uri(output_uri, storage)
+    snapshot = versions.read_snapshot(location)
+    if snapshot is None:
+        raise OutputError(f"{output_uri} holds no published version to probe (see strata status {output_uri})")
+    identity = snapshot.identity
+    if label not in identity["input"]["keep_fields"]:
+        kept = ", ".join(identity["input"]["keep_fields"]) or "none"
+        raise StrataError(f"the output keeps no field {label!r} (kept fields: {kept}); add it to input.keep_fields "
+                          "and embed again")
+    specs = stacked_columns(identity, columns)
+    files = [location.path(path) for path in snapshot.files]
+    table = ds.dataset(files, format="parquet", filesystem=location.fs).to_table(
+        columns=[label, *(spec["name"] for spec in specs)], filter=pc.is_valid(pc.field(label)))
+    labels = np.array([str(value) for value in table[label].to_pylist()])
+    classes, counts = check_labels(labels, label, folds)
+    rows = sample(labels, max_docs, seed)
+    labels = labels[rows]
+    splits = probe.folds_of(labels, folds, seed)
+    layers_of = json.loads(_layers_metadata(location, snapshot))
+    results = []
+    for spec in specs:
+        vectors = _stacked(table[spec["name"]], rows)  # (N, L, D)
+        layers = layers_of[spec["name"]]
+        scores = probe.layer_scores(vectors, labels, layers, splits)
+        best, tied = probe.recommend(scores)
+        results.append({"column": spec["name"], "pooling": spec["pooling"], "layers": layers,
+                        "scores": [asdict(s) for s in scores], "anisotropy": probe.anisotropy(vectors, seed=seed).tolist(),
+                        "recommended_layer": best, "tied_layers": tied})
+    best = max(results, key=lambda r: max(s["macro_f1"]["mean"] for s in r["scores"]))
+    return {"output": output_uri, "version": snapshot.version, "label": label, "classes": classes.tolist(),
+            "class_counts": counts.tolist(), "documents": len(rows), "folds": folds, "seed": seed,
+            "probe": "StandardScaler + LogisticRegression (scikit-learn)",
+            "recommended": {"column": best["column"], "layer": best["recommended_layer"]},
+            "columns": results, "identity": identity}
+
+
+def _layers_metadata(location: Location, snapshot: versions.Snapshot) -> bytes:
+    import pyarrow.parquet as pq
+
+    with location.fs.open(location.path(snapshot.files[0]), "rb") as f:
+        return pq.read_schema(f).metadata[b"strata.layers"]
+
+
+def _stacked(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
+    """fixed_size_list<fixed_size_list<D>, L> → (N, L, D) float32, only `rows`."""
+    array = column.combine_chunks()
+    count, dims = array.type.list_size, array.type.value_type.list_size
+    return array.flatten().flatten().to_numpy().reshape(len(array), count, dims)[rows].astype(np.float32)
+
+
+def plot_png(report: dict) -> bytes:
+    """Macro-F1 per layer with its 95 % interval, and anisotropy per layer, one line per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (scores_axis, cosine_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for result in report["columns"]:
+        layers = [s["layer"] for s in result["scores"]]
+        mean = np.array([s["macro_f1"]["mean"] for s in result["scores"]])
+        low = np.array([s["macro_f1"]["low"] for s in result["scores"]])
+        high = np.array([s["macro_f1"]["high"] for s in result["scores"]])
+        line = scores_axis.plot(layers, mean, marker="o", label=f"{result['column']} ({result['pooling']})")[0]
+        scores_axis.fill_between(layers, low, high, alpha=0.2, color=line.get_color())
+        cosine_axis.plot(layers, result["anisotropy"], marker="o", color=line.get_color(), label=result["column"])
+    scores_axis.set(title=f"probe of {report['label']!r}: macro-F1 per layer (95 % interval)", xlabel="layer "
+                    "(0 = embeddings)", ylabel="macro-F1")
+    cosine_axis.set(title="anisotropy: mean cosine of random pairs", xlabel="layer (0 = embeddings)",
+                    ylabel="mean cosine")
+    for axis in (scores_axis, cosine_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def render_html(report: dict, png: bytes) -> str:
+    """One self-contained page: the plot inline, the table, the recommendation and the run config."""
+    best = report["recommended"]
+    rows = []
+    for result in report["columns"]:
+        for score, cosine in zip(result["scores"], result["anisotropy"]):
+            mark = " class=\"best\"" if (result["column"], score["layer"]) == (best["column"], best["layer"]) else ""
+            rows.append(f"<tr{mark}><td>{html.escape(result['column'])}</td><td>{score['layer']}</td>"
+                        f"{_cell(score['accuracy'])}{_cell(score['macro_f1'])}<td>{cosine:.3f}</td></tr>")
+    config = html.escape(json.dumps(report["identity"], indent=2))
+    classes = ", ".join(f"{html.escape(c)} ({n})" for c, n in zip(report["classes"], report["class_counts"]))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>strata probe: {html.escape(report['label'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }} td, th {{ padding: .25rem .8rem; text-align: right; }}
+th {{ border-bottom: 1px solid #999; }} td:first-child, th:first-child {{ text-align: left; }}
+tr.best {{ background: #e6f4e6; font-weight: 600; }} img {{ max-width: 100%; }}
+pre {{ background: #f6f6f6; padding: 1rem; overflow: auto; }}
+</style></head><body>
+<h1>Which layer for {html.escape(report['label'])}?</h1>
+<p><strong>Recommended: layer {best['layer']} of column {html.escape(best['column'])}</strong>
+(best mean macro-F1; layers whose 95 % interval reaches it:
+{', '.join(str(layer) for layer in _tied(report))}).</p>
+<p>Output {html.escape(report['output'])}, version {report['version']}; {report['documents']:,} documents,
+classes {classes}; {report['folds']}-fold stratified cross-validation of {html.escape(report['probe'])}
+on each layer's vectors (the same folds for every layer).</p>
+<img alt="macro-F1 and anisotropy per layer" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+<table><thead><tr><th>column</th><th>layer</th><th>accuracy</th><th>95 % interval</th><th>macro-F1</th>
+<th>95 % interval</th><th>anisotropy</th></tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<h2>Run config</h2><pre>{config}</pre>
+</body></html>
+"""
+
+
+def _cell(score: dict) -> str:
+    return f"<td>{score['mean']:.3f}</td><td>{score['low']:.3f} – {score['high']:.3f}</td>"
+
+
+def _tied(report: dict) -> list[int]:
+    best = report["recommended"]
+    return next(r["tied_layers"] for r in report["columns"] if r["column"] == best["column"])
+
+
+def write_report(report: dict, folder: str, storage: StorageConfig | None = None) -> list[str]:
+    """probe.json, probe.png and probe.html into a folder (local or object storage); their URIs."""
+    location = Location.from_uri(folder, storage)
+    png = plot_png(report)
+    files = {"probe.json": json.dumps(report, indent=1).encode(), "probe.png": png,
+             "probe.html": render_html(report, png).encode()}
+    for name, data in files.items():
+        location.write_bytes(data, name)
+    return [location.uri(name) for name in files]
