@@ -50,7 +50,8 @@ def check_labels(labels: np.ndarray, label: str, folds: int) -> tuple[np.ndarray
         which = f"one class ({str(classes[0])!r})" if len(classes) else "no values"
         raise StrataError(f"label {label!r} has {which}: a probe needs two classes or more")
     if counts.min() < folds:
-        raise StrataError(f"label {label!r} has only {counts.min()} documents of class {str(classes[counts.argmin()])!r}; "
+        smallest = str(classes[counts.argmin()])
+        raise StrataError(f"label {label!r} has only {counts.min()} documents of class {smallest!r}; "
                           f"{folds}-fold cross-validation needs {folds} per class (try --folds {max(2, counts.min())})")
     return classes, counts
 
@@ -78,18 +79,19 @@ def run_probe(output_uri: str, label: str, columns: list[str] | None = None, fol
         raise StrataError(f"the output keeps no field {label!r} (kept fields: {kept}); add it to input.keep_fields "
                           "and embed again")
     specs = stacked_columns(identity, columns)
-    files = [location.path(path) for path in snapshot.files]
-    table = ds.dataset(files, format="parquet", filesystem=location.fs).to_table(
-        columns=[label, *(spec["name"] for spec in specs)], filter=pc.is_valid(pc.field(label)))
-    labels = np.array([str(value) for value in table[label].to_pylist()])
+    dataset = ds.dataset([location.path(path) for path in snapshot.files], format="parquet", filesystem=location.fs)
+    values = dataset.to_table(columns=[label])[label]
+    labelled = np.flatnonzero(pc.is_valid(values).to_numpy(zero_copy_only=False))  # documents with a label
+    labels = np.array([str(value) for value in values.take(pa.array(labelled)).to_pylist()])
+    picked = sample(labels, max_docs, seed)
+    labels = labels[picked]
     classes, counts = check_labels(labels, label, folds)
-    rows = sample(labels, max_docs, seed)
-    labels = labels[rows]
+    table = dataset.take(pa.array(labelled[picked]), columns=[spec["name"] for spec in specs])  # only the sample
     splits = probe.folds_of(labels, folds, seed)
     layers_of = json.loads(_layers_metadata(location, snapshot))
     results = []
     for spec in specs:
-        vectors = _stacked(table[spec["name"]], rows)  # (N, L, D)
+        vectors = _stacked(table[spec["name"]])  # (N, L, D)
         layers = layers_of[spec["name"]]
         scores = probe.layer_scores(vectors, labels, layers, splits)
         best, tied = probe.recommend(scores)
@@ -98,7 +100,7 @@ def run_probe(output_uri: str, label: str, columns: list[str] | None = None, fol
                         "recommended_layer": best, "tied_layers": tied})
     best = max(results, key=lambda r: max(s["macro_f1"]["mean"] for s in r["scores"]))
     return {"output": output_uri, "version": snapshot.version, "label": label, "classes": classes.tolist(),
-            "class_counts": counts.tolist(), "documents": len(rows), "folds": folds, "seed": seed,
+            "class_counts": counts.tolist(), "documents": len(picked), "folds": folds, "seed": seed,
             "probe": "StandardScaler + LogisticRegression (scikit-learn)",
             "recommended": {"column": best["column"], "layer": best["recommended_layer"]},
             "columns": results, "identity": identity}
@@ -111,11 +113,11 @@ def _layers_metadata(location: Location, snapshot: versions.Snapshot) -> bytes:
         return pq.read_schema(f).metadata[b"strata.layers"]
 
 
-def _stacked(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
-    """fixed_size_list<fixed_size_list<D>, L> → (N, L, D) float32, only `rows`."""
+def _stacked(column: pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_list<fixed_size_list<D>, L> → (N, L, D) float32."""
     array = column.combine_chunks()
     count, dims = array.type.list_size, array.type.value_type.list_size
-    return array.flatten().flatten().to_numpy().reshape(len(array), count, dims)[rows].astype(np.float32)
+    return array.flatten().flatten().to_numpy().reshape(len(array), count, dims).astype(np.float32)
 
 
 def plot_png(report: dict) -> bytes:

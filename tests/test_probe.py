@@ -61,6 +61,9 @@ def test_scores_per_layer_are_scikit_learns_on_the_same_vectors_and_folds(labele
     assert report["recommended"] == {"column": "mean_layers", "layer": best["layer"]}
     assert best["macro_f1"]["mean"] > 0.4  # five balanced classes: chance is 0.2
 
+    sampled = run_probe(str(labeled_output), "label", ["cls_some"], folds=3, max_docs=100, seed=1)
+    assert (sampled["documents"], sampled["class_counts"]) == (100, [20] * 5)  # stratified: 20 of each
+
 
 def test_pure_parts():
     interval = summarize([0.5, 0.6, 0.7])
