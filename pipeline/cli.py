@@ -6,7 +6,7 @@
     strata validate CONFIG.yaml [--set ...]
     strata index OUTPUT_URI --column NAME --to DB [--layer N] [--metric cosine|dot|l2] [--rebuild]
     strata search DB "query text" [-k 10] [--where SQL] [--json]
-    strata probe OUTPUT_URI --label FIELD [--column NAME ...] [--report DIR] [--json]
+    strata probe OUTPUT_URI [--label FIELD] [--column NAME ...] [--report DIR] [--json]
     strata bench [--corpus FILE] [--docs N] [--model minilm|bert-base|FOLDER ...] [--json FILE]
     strata submit CONFIG.yaml --address http://HEAD:8265 [--follow] [--set ...]
     strata jobs list|show|logs|stop [JOB_ID] --address http://HEAD:8265
@@ -222,8 +222,9 @@ def _cell(value, width: int) -> str:
 
 
 @app.command()
-def probe(output_uri: str = typer.Argument(..., help="Output location of a run that kept the label field"),
-          label: str = typer.Option(..., "--label", help="The kept field to predict, e.g. label"),
+def probe(output_uri: str = typer.Argument(..., help="Output location of a run with per-layer vectors"),
+          label: Optional[str] = typer.Option(None, "--label", help="The kept field to predict, e.g. label; "
+                                                                    "without it only anisotropy is measured"),
           column: Optional[list[str]] = typer.Option(None, "--column", help="A stacked column to probe (repeatable; "
                                                                             "default: every stacked column)"),
           folds: int = typer.Option(5, "--folds", min=2, max=20, help="Stratified cross-validation folds"),
@@ -242,24 +243,27 @@ def probe(output_uri: str = typer.Argument(..., help="Output location of a run t
         out.print_json(json.dumps(result))
     else:
         out.print(probe_table(result))
-    best = result["recommended"]
-    err.print(f"recommended: layer {best['layer']} of column {best['column']}; report: {written[2]}",
-              markup=False, highlight=False)
+    best = result.get("recommended")
+    verdict = f"recommended: layer {best['layer']} of column {best['column']}; " if best else ""
+    err.print(f"{verdict}report: {written[2]}", markup=False, highlight=False)
 
 
 def probe_table(result: dict) -> Table:
-    table = Table("column", Column("layer", justify="right"), Column("accuracy", justify="right"),
-                  Column("macro-F1", justify="right"), Column("95 % interval", justify="right"),
-                  Column("anisotropy", justify="right"),
-                  title=f"strata probe: {result['label']!r}, {result['documents']:,} documents, "
-                        f"{len(result['classes'])} classes, {result['folds']}-fold")
-    best = result["recommended"]
+    labelled = result["label"] is not None
+    scores = ("accuracy", "macro-F1", "95 % interval") if labelled else ()
+    title = (f"strata probe: {result['label']!r}, {result['documents']:,} documents, {len(result['classes'])} "
+             f"classes, {result['folds']}-fold" if labelled else f"strata probe: {result['documents']:,} documents")
+    table = Table("column", *(Column(name, justify="right") for name in ("layer", *scores, "anisotropy")), title=title)
+    best = result.get("recommended", {})
     for column in result["columns"]:
-        for score, cosine in zip(column["scores"], column["anisotropy"]):
-            chosen = (column["column"], score["layer"]) == (best["column"], best["layer"])
-            table.add_row(column["column"], str(score["layer"]), f"{score['accuracy']['mean']:.3f}",
-                          f"{score['macro_f1']['mean']:.3f}" + (" ←" if chosen else ""),
-                          f"{score['macro_f1']['low']:.3f}–{score['macro_f1']['high']:.3f}", f"{cosine:.3f}")
+        for position, (layer, cosine) in enumerate(zip(column["layers"], column["anisotropy"])):
+            cells = []
+            if labelled:
+                score = column["scores"][position]
+                chosen = (column["column"], layer) == (best["column"], best["layer"])
+                cells = [f"{score['accuracy']['mean']:.3f}", f"{score['macro_f1']['mean']:.3f}" + (" ←" if chosen else ""),
+                         f"{score['macro_f1']['low']:.3f}–{score['macro_f1']['high']:.3f}"]
+            table.add_row(column["column"], str(layer), *cells, f"{cosine:.3f}")
     return table
 
 

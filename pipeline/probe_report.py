@@ -66,44 +66,51 @@ def sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def run_probe(output_uri: str, label: str, columns: list[str] | None = None, folds: int = 5, max_docs: int = MAX_DOCS,
-              seed: int = 0, storage: StorageConfig | None = None) -> dict:
-    """Every number of the report, as plain data."""
+def run_probe(output_uri: str, label: str | None, columns: list[str] | None = None, folds: int = 5,
+              max_docs: int = MAX_DOCS, seed: int = 0, storage: StorageConfig | None = None) -> dict:
+    """Every number of the report, as plain data. Without a label only anisotropy is measured."""
     location = Location.from_uri(output_uri, storage)
     snapshot = versions.read_snapshot(location)
     if snapshot is None:
         raise OutputError(f"{output_uri} holds no published version to probe (see strata status {output_uri})")
     identity = snapshot.identity
-    if label not in identity["input"]["keep_fields"]:
+    if label is not None and label not in identity["input"]["keep_fields"]:
         kept = ", ".join(identity["input"]["keep_fields"]) or "none"
         raise StrataError(f"the output keeps no field {label!r} (kept fields: {kept}); add it to input.keep_fields "
                           "and embed again")
     specs = stacked_columns(identity, columns)
     dataset = ds.dataset([location.path(path) for path in snapshot.files], format="parquet", filesystem=location.fs)
-    values = dataset.to_table(columns=[label])[label]
-    labelled = np.flatnonzero(pc.is_valid(values).to_numpy(zero_copy_only=False))  # documents with a label
-    labels = np.array([str(value) for value in values.take(pa.array(labelled)).to_pylist()])
-    picked = sample(labels, max_docs, seed)
-    labels = labels[picked]
-    classes, counts = check_labels(labels, label, folds)
-    table = dataset.take(pa.array(labelled[picked]), columns=[spec["name"] for spec in specs])  # only the sample
-    splits = probe.folds_of(labels, folds, seed)
+    if label is None:
+        rows, labels = np.arange(dataset.count_rows()), None
+    else:
+        values = dataset.to_table(columns=[label])[label]
+        rows = np.flatnonzero(pc.is_valid(values).to_numpy(zero_copy_only=False))  # documents with a label
+        labels = np.array([str(value) for value in values.take(pa.array(rows)).to_pylist()])
+    picked = sample(np.zeros(len(rows), np.int8) if labels is None else labels, max_docs, seed)
+    rows = rows[picked]
+    table = dataset.take(pa.array(rows), columns=[spec["name"] for spec in specs])  # only the sample's vectors
+    report = {"output": output_uri, "version": snapshot.version, "label": label, "documents": len(rows),
+              "seed": seed, "columns": [], "identity": identity}
+    if labels is not None:
+        labels = labels[picked]
+        classes, counts = check_labels(labels, label, folds)
+        splits = probe.folds_of(labels, folds, seed)
+        report.update(classes=classes.tolist(), class_counts=counts.tolist(), folds=folds,
+                      probe="StandardScaler + LogisticRegression (scikit-learn)")
     layers_of = json.loads(_layers_metadata(location, snapshot))
-    results = []
     for spec in specs:
         vectors = _stacked(table[spec["name"]])  # (N, L, D)
-        layers = layers_of[spec["name"]]
-        scores = probe.layer_scores(vectors, labels, layers, splits)
-        best, tied = probe.recommend(scores)
-        results.append({"column": spec["name"], "pooling": spec["pooling"], "layers": layers,
-                        "scores": [asdict(s) for s in scores], "anisotropy": probe.anisotropy(vectors, seed=seed).tolist(),
-                        "recommended_layer": best, "tied_layers": tied})
-    best = max(results, key=lambda r: max(s["macro_f1"]["mean"] for s in r["scores"]))
-    return {"output": output_uri, "version": snapshot.version, "label": label, "classes": classes.tolist(),
-            "class_counts": counts.tolist(), "documents": len(picked), "folds": folds, "seed": seed,
-            "probe": "StandardScaler + LogisticRegression (scikit-learn)",
-            "recommended": {"column": best["column"], "layer": best["recommended_layer"]},
-            "columns": results, "identity": identity}
+        result = {"column": spec["name"], "pooling": spec["pooling"], "layers": layers_of[spec["name"]],
+                  "anisotropy": probe.anisotropy(vectors, seed=seed).tolist()}
+        if labels is not None:
+            scores = probe.layer_scores(vectors, labels, result["layers"], splits)
+            best, tied = probe.recommend(scores)
+            result.update(scores=[asdict(s) for s in scores], recommended_layer=best, tied_layers=tied)
+        report["columns"].append(result)
+    if labels is not None:
+        best = max(report["columns"], key=lambda r: max(s["macro_f1"]["mean"] for s in r["scores"]))
+        report["recommended"] = {"column": best["column"], "layer": best["recommended_layer"]}
+    return report
 
 
 def _layers_metadata(location: Location, snapshot: versions.Snapshot) -> bytes:
@@ -121,26 +128,29 @@ def _stacked(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def plot_png(report: dict) -> bytes:
-    """Macro-F1 per layer with its 95 % interval, and anisotropy per layer, one line per column."""
+    """Macro-F1 per layer with its 95 % interval (with a label), and anisotropy per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (scores_axis, cosine_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labelled = report["label"] is not None
+    figure, axes = plt.subplots(1, 2 if labelled else 1, figsize=(11 if labelled else 6, 4.2), squeeze=False)
+    cosine_axis = axes[0][-1]
     for result in report["columns"]:
-        layers = [s["layer"] for s in result["scores"]]
-        mean = np.array([s["macro_f1"]["mean"] for s in result["scores"]])
-        low = np.array([s["macro_f1"]["low"] for s in result["scores"]])
-        high = np.array([s["macro_f1"]["high"] for s in result["scores"]])
-        line = scores_axis.plot(layers, mean, marker="o", label=f"{result['column']} ({result['pooling']})")[0]
-        scores_axis.fill_between(layers, low, high, alpha=0.2, color=line.get_color())
-        cosine_axis.plot(layers, result["anisotropy"], marker="o", color=line.get_color(), label=result["column"])
-    scores_axis.set(title=f"probe of {report['label']!r}: macro-F1 per layer (95 % interval)", xlabel="layer "
-                    "(0 = embeddings)", ylabel="macro-F1")
+        layers = result["layers"]
+        line = cosine_axis.plot(layers, result["anisotropy"], marker="o", label=result["column"])[0]
+        if labelled:
+            mean, low, high = (np.array([s["macro_f1"][key] for s in result["scores"]]) for key in ("mean", "low", "high"))
+            axes[0][0].plot(layers, mean, marker="o", color=line.get_color(),
+                            label=f"{result['column']} ({result['pooling']})")
+            axes[0][0].fill_between(layers, low, high, alpha=0.2, color=line.get_color())
+    if labelled:
+        axes[0][0].set(title=f"probe of {report['label']!r}: macro-F1 per layer (95 % interval)",
+                       xlabel="layer (0 = embeddings)", ylabel="macro-F1")
     cosine_axis.set(title="anisotropy: mean cosine of random pairs", xlabel="layer (0 = embeddings)",
                     ylabel="mean cosine")
-    for axis in (scores_axis, cosine_axis):
+    for axis in axes[0]:
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
@@ -152,17 +162,35 @@ def plot_png(report: dict) -> bytes:
 
 def render_html(report: dict, png: bytes) -> str:
     """One self-contained page: the plot inline, the table, the recommendation and the run config."""
-    best = report["recommended"]
+    labelled = report["label"] is not None
+    best = report.get("recommended", {})
+    header = ("<th>accuracy</th><th>95 % interval</th><th>macro-F1</th><th>95 % interval</th>" if labelled else "")
     rows = []
     for result in report["columns"]:
-        for score, cosine in zip(result["scores"], result["anisotropy"]):
-            mark = " class=\"best\"" if (result["column"], score["layer"]) == (best["column"], best["layer"]) else ""
-            rows.append(f"<tr{mark}><td>{html.escape(result['column'])}</td><td>{score['layer']}</td>"
-                        f"{_cell(score['accuracy'])}{_cell(score['macro_f1'])}<td>{cosine:.3f}</td></tr>")
-    config = html.escape(json.dumps(report["identity"], indent=2))
-    classes = ", ".join(f"{html.escape(c)} ({n})" for c, n in zip(report["classes"], report["class_counts"]))
+        for position, (layer, cosine) in enumerate(zip(result["layers"], result["anisotropy"])):
+            chosen = (result["column"], layer) == (best.get("column"), best.get("layer"))
+            scores = result["scores"][position] if labelled else None
+            cells = _cell(scores["accuracy"]) + _cell(scores["macro_f1"]) if labelled else ""
+            mark = ' class="best"' if chosen else ""
+            rows.append(f"<tr{mark}><td>{html.escape(result['column'])}</td>"
+                        f"<td>{layer}</td>{cells}<td>{cosine:.3f}</td></tr>")
+    if labelled:
+        classes = ", ".join(f"{html.escape(c)} ({n})" for c, n in zip(report["classes"], report["class_counts"]))
+        title = f"Which layer for {html.escape(report['label'])}?"
+        summary = (f"<p><strong>Recommended: layer {best['layer']} of column {html.escape(best['column'])}</strong> "
+                   f"(best mean macro-F1; layers whose 95 % interval reaches it: "
+                   f"{', '.join(str(layer) for layer in _tied(report))}).</p>\n"
+                   f"<p>Output {html.escape(report['output'])}, version {report['version']}; "
+                   f"{report['documents']:,} documents, classes {classes}; {report['folds']}-fold stratified "
+                   f"cross-validation of {html.escape(report['probe'])} on each layer's vectors (the same folds for "
+                   "every layer).</p>")
+    else:
+        title = "How anisotropic is each layer?"
+        summary = (f"<p>Output {html.escape(report['output'])}, version {report['version']}; "
+                   f"{report['documents']:,} documents; mean cosine of random pairs of different documents per layer "
+                   "(near 1: every vector points the same way). Give a label to probe a task.</p>")
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>strata probe: {html.escape(report['label'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>strata probe: {title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }} td, th {{ padding: .25rem .8rem; text-align: right; }}
@@ -170,19 +198,13 @@ th {{ border-bottom: 1px solid #999; }} td:first-child, th:first-child {{ text-a
 tr.best {{ background: #e6f4e6; font-weight: 600; }} img {{ max-width: 100%; }}
 pre {{ background: #f6f6f6; padding: 1rem; overflow: auto; }}
 </style></head><body>
-<h1>Which layer for {html.escape(report['label'])}?</h1>
-<p><strong>Recommended: layer {best['layer']} of column {html.escape(best['column'])}</strong>
-(best mean macro-F1; layers whose 95 % interval reaches it:
-{', '.join(str(layer) for layer in _tied(report))}).</p>
-<p>Output {html.escape(report['output'])}, version {report['version']}; {report['documents']:,} documents,
-classes {classes}; {report['folds']}-fold stratified cross-validation of {html.escape(report['probe'])}
-on each layer's vectors (the same folds for every layer).</p>
-<img alt="macro-F1 and anisotropy per layer" src="data:image/png;base64,{base64.b64encode(png).decode()}">
-<table><thead><tr><th>column</th><th>layer</th><th>accuracy</th><th>95 % interval</th><th>macro-F1</th>
-<th>95 % interval</th><th>anisotropy</th></tr></thead><tbody>
+<h1>{title}</h1>
+{summary}
+<img alt="scores and anisotropy per layer" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+<table><thead><tr><th>column</th><th>layer</th>{header}<th>anisotropy</th></tr></thead><tbody>
 {chr(10).join(rows)}
 </tbody></table>
-<h2>Run config</h2><pre>{config}</pre>
+<h2>Run config</h2><pre>{html.escape(json.dumps(report["identity"], indent=2))}</pre>
 </body></html>
 """
 

@@ -99,6 +99,11 @@ def test_cli_writes_the_report_and_refuses_what_cannot_be_probed(labeled_output,
     assert f"Recommended: layer {report['recommended']['layer']} of column mean_layers" in page
     assert page.count("<tr") == 1 + 7 and '"keep_fields"' in html.unescape(page)  # header + 7 layers; run config
 
+    code, out, err = cli(capsys, "probe", str(labeled_output), "--report", str(tmp_path / "unlabelled"))
+    assert code == 0 and "strata probe: 250 documents" in out and "accuracy" not in out, err
+    page = (tmp_path / "unlabelled" / "probe.html").read_text()
+    assert "How anisotropic is each layer?" in page and page.count("<tr") == 1 + 7 + 3  # mean_layers, cls_some
+
     for args, message in (
             (["--label", "topic"], "the output keeps no field 'topic' (kept fields: label, page)"),
             (["--label", "label", "--column", "sentence"], "column 'sentence' holds no per-layer vectors"),
