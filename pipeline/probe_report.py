@@ -51,8 +51,9 @@ def check_labels(labels: np.ndarray, label: str, folds: int) -> tuple[np.ndarray
         raise StrataError(f"label {label!r} has {which}: a probe needs two classes or more")
     if counts.min() < folds:
         smallest = str(classes[counts.argmin()])
+        fix = f"try --folds {counts.min()}" if counts.min() >= 2 else "label more documents of it, or leave it out"
         raise StrataError(f"label {label!r} has only {counts.min()} documents of class {smallest!r}; "
-                          f"{folds}-fold cross-validation needs {folds} per class (try --folds {max(2, counts.min())})")
+                          f"{folds}-fold cross-validation needs {folds} per class ({fix})")
     return classes, counts
 
 
