@@ -21,6 +21,7 @@ import pyarrow.dataset as ds
 from pipeline import probe, versions
 from pipeline.config import StorageConfig
 from pipeline.errors import OutputError, StrataError
+from pipeline.progress import count_of
 from pipeline.storage import Location
 
 MAX_DOCS = 20000  # a stratified sample of this many documents is plenty for a linear probe
@@ -52,7 +53,7 @@ def check_labels(labels: np.ndarray, label: str, folds: int) -> tuple[np.ndarray
     if counts.min() < folds:
         smallest = str(classes[counts.argmin()])
         fix = f"try --folds {counts.min()}" if counts.min() >= 2 else "label more documents of it, or leave it out"
-        raise StrataError(f"label {label!r} has only {counts.min()} documents of class {smallest!r}; "
+        raise StrataError(f"label {label!r} has only {count_of(int(counts.min()), 'document')} of class {smallest!r}; "
                           f"{folds}-fold cross-validation needs {folds} per class ({fix})")
     return classes, counts
 
