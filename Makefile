@@ -15,9 +15,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test clean
 
-# --no-compile: Python compiles only the modules it imports, on first import (set-up is a minute
-# shorter than byte-compiling every file of torch, ray and transformers up front)
-PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-compile
+# pip byte-compiles what it installs: where PYTHONDONTWRITEBYTECODE is set (these machines), Python
+# would otherwise compile torch, ray and transformers anew in every process and Ray worker
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
