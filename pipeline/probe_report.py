@@ -99,7 +99,7 @@ def run_probe(output_uri: str, label: str | None, columns: list[str] | None = No
         splits = probe.folds_of(labels, folds, seed)
         report.update(classes=classes.tolist(), class_counts=counts.tolist(), folds=folds,
                       probe="StandardScaler + LogisticRegression (scikit-learn)")
-    layers_of = json.loads(_layers_metadata(location, snapshot))
+    layers_of = json.loads(versions.data_schema(location, snapshot).metadata[b"strata.layers"])
     for spec in specs:
         vectors = _stacked(table[spec["name"]])  # (N, L, D)
         result = {"column": spec["name"], "pooling": spec["pooling"], "layers": layers_of[spec["name"]],
@@ -113,13 +113,6 @@ def run_probe(output_uri: str, label: str | None, columns: list[str] | None = No
         best = max(report["columns"], key=lambda r: max(s["macro_f1"]["mean"] for s in r["scores"]))
         report["recommended"] = {"column": best["column"], "layer": best["recommended_layer"]}
     return report
-
-
-def _layers_metadata(location: Location, snapshot: versions.Snapshot) -> bytes:
-    import pyarrow.parquet as pq
-
-    with location.fs.open(location.path(snapshot.files[0]), "rb") as f:
-        return pq.read_schema(f).metadata[b"strata.layers"]
 
 
 def _stacked(column: pa.ChunkedArray) -> np.ndarray:

@@ -249,11 +249,9 @@ def build_or_update(request: IndexRequest, storage: StorageConfig | None = None,
 
 def _describe(location: Location, snapshot: versions.Snapshot, request: IndexRequest) -> tuple[VectorSource, pa.Schema]:
     spec = output_spec(snapshot.identity, request.column)
-    files = snapshot.files
-    if not files:
+    if not snapshot.files:
         raise OutputError(f"version {snapshot.version} of {request.output} holds no rows to index")
-    with location.fs.open(location.path(files[0]), "rb") as f:
-        schema = pq.read_schema(f)
+    schema = versions.data_schema(location, snapshot)
     layers = json.loads(schema.metadata[b"strata.layers"])[request.column]
     run = Manifest(location).read_run() or {}
     num_layers = run["model"]["num_layers"] if run.get("fingerprint") == snapshot.fingerprint else None

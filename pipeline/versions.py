@@ -20,6 +20,9 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.errors import OutputError
 from pipeline.manifest import CommitRecord
 from pipeline.storage import Location
@@ -88,6 +91,12 @@ def read_snapshot(location: Location, version: int | None = None) -> Snapshot | 
 def all_snapshots(location: Location) -> list[Snapshot]:
     """Every published version, oldest first."""
     return [read_snapshot(location, version) for version in list_versions(location)]
+
+
+def data_schema(location: Location, snapshot: Snapshot) -> pa.Schema:
+    """The Parquet schema (and strata.* metadata) of a version's data, read from its first file."""
+    with location.fs.open(location.path(snapshot.files[0]), "rb") as f:
+        return pq.read_schema(f)
 
 
 def publish(location: Location, snapshot: Snapshot) -> None:
