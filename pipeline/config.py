@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from yaml.constructor import ConstructorError
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
@@ -25,9 +27,43 @@ _COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 LayerSpec = Union[Literal["all"], list[int], str]
 
+# What a config file or a `--set` value may hold: far beyond any real config (a few KB, a few
+# levels, a few hundred values), and small enough that checking it, and all that follows, is instant.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_DEPTH = 32
+MAX_VALUES = 10_000  # counted with YAML aliases expanded
+_INT_LIMIT = 2**63  # counts and sizes go to Arrow, Ray and the OS as 64-bit integers
+_OPTION_SCALARS = (str, int, float, bool, type(None))
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    """User text for a one-line message: escaped (no raw newlines) and cut short."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _scalar_problem(value: Any) -> str | None:
+    """What is wrong with a value that passes its type but breaks the code it reaches: a NUL
+    in a path (os calls raise), a count past 64 bits (Arrow overflows), NaN or infinity."""
+    if isinstance(value, str) and "\x00" in value:
+        return f"{_quote(value)} contains a NUL character"
+    if isinstance(value, int) and not -_INT_LIMIT <= value < _INT_LIMIT:
+        return f"a {value.bit_length()}-bit number is out of range (at most 2**63 - 1)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    return None
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*")
+    @classmethod
+    def _usable_values(cls, value: Any) -> Any:
+        for item in value if isinstance(value, list) else [value]:
+            problem = _scalar_problem(item)
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 class InputConfig(_Strict):
@@ -190,6 +226,24 @@ class StorageConfig(_Strict):
     connect_timeout: float = Field(5, gt=0, description="Seconds to wait for a connection")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec storage_options, merged in")
 
+    @field_validator("options")
+    @classmethod
+    def _flat_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # fsspec options are scalars, plus one level of mapping for client kwargs (s3fs's
+        # s3_additional_kwargs, config_kwargs); deeper data is a mistake, and would be copied
+        # by model_dump and hashed into fsspec's cache key
+        for key, value in options.items():
+            for name, item in value.items() if isinstance(value, dict) else [(None, value)]:
+                where = _quote(key if name is None else f"{key}.{name}")
+                if not isinstance(item, _OPTION_SCALARS):
+                    raise ValueError(f"{where} is a {type(item).__name__}; an option is a string, number, boolean "
+                                     "or null, or one mapping of those (e.g. s3_additional_kwargs: "
+                                     "{ServerSideEncryption: AES256})")
+                problem = _scalar_problem(item)
+                if problem:
+                    raise ValueError(f"{where}: {problem}")
+        return options
+
 
 class RunConfig(_Strict):
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Share of docs that may be quarantined")
@@ -258,26 +312,127 @@ def identity_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> StrataConfig:
     """Read a YAML config, apply `key.path=value` overrides, validate."""
+    origin = str(path) if str(path).isprintable() else repr(str(path))
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)  # bounded: the path may be a pipe or /dev/zero
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config {origin}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{origin} is over {MAX_CONFIG_BYTES:,} bytes; a config is a few KB of YAML (is it the "
+                          "right file?)")
     try:
-        raw = yaml.safe_load(text) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = data.count(b"\n", 0, exc.start) + 1, exc.start - data.rfind(b"\n", 0, exc.start)
+        raise ConfigError(f"{origin} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column "
+                          f"{column}; save it as UTF-8") from None
+    try:
+        raw = _yaml_value(text, origin) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{origin} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (input, model, outputs, ...)")
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections (input, model, outputs, ...)")
     for item in overrides or []:
         apply_override(raw, item)
-    return parse_config(raw, origin=str(path))
+    return parse_config(raw, origin=origin)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader within MAX_DEPTH and MAX_VALUES, with keys that are names, and with
+    malformed scalars (a 5000-digit int, month 13, `!!bool maybe`) as YAML errors.
+
+    Aliases stay allowed, as a reused anchor is ordinary YAML, but they count expanded: ~1 KB of
+    anchors nine deep holds 9**9 values, which pydantic and fsspec would copy for minutes. The
+    count stops at the budget, so the check is instant whatever the input.
+    """
+
+    def __init__(self, text: str, origin: str):
+        super().__init__(text)
+        self.origin, self.depth, self.nodes = origin, 0, 0
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        # the composer recurses once per level: stop long before Python's recursion limit, and
+        # stop counting nodes at the budget rather than compose a megabyte of them
+        self.depth, self.nodes = self.depth + 1, self.nodes + 1
+        try:
+            mark = self.peek_event().start_mark
+            if self.depth > MAX_DEPTH:
+                raise ConfigError(f"{self.origin}: nested more than {MAX_DEPTH} levels deep (line {mark.line + 1}, "
+                                  f"column {mark.column + 1}); a config needs a few")
+            if self.nodes > MAX_VALUES:
+                raise ConfigError(f"{self.origin}: more than {MAX_VALUES:,} values (line {mark.line + 1}); a config "
+                                  "holds a few hundred")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_nodes(node, self.origin)
+        return super().construct_document(node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, ArithmeticError, LookupError, TypeError, AttributeError) as exc:  # PyYAML on bad scalars
+            shown = _quote(node.value) if isinstance(node.value, str) else "this value"
+            raise ConstructorError(None, None, f"cannot read {shown} as {node.tag.rsplit(':', 1)[-1]}: "
+                                   f"{str(exc).split(';')[0] or type(exc).__name__}", node.start_mark) from None
+
+
+_NAME_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:merge")
+
+
+def _check_nodes(root: yaml.Node, origin: str) -> None:
+    """Walk a composed document with aliases expanded (an anchor is one node, reached once per
+    alias) and stop at the first value past MAX_VALUES or MAX_DEPTH, or a key that is no name."""
+    budget, stack = MAX_VALUES, [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{origin}: more than {MAX_VALUES:,} values once YAML aliases are expanded (at "
+                              f"{_quote('.'.join(path))}); a config holds a few hundred: reuse fewer anchors")
+        if len(path) >= MAX_DEPTH:
+            raise ConfigError(f"{origin}: {_quote('.'.join(path))} is nested more than {MAX_DEPTH} levels deep, "
+                              "YAML aliases included")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, (*path, str(index))) for index, child in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag not in _NAME_TAGS:
+                    shown = _quote(key.value) if isinstance(key.value, str) else f"a {key.id}"
+                    raise ConfigError(f"{origin}: the key {shown} at line {key.start_mark.line + 1} is read as "
+                                      f"{key.tag.rsplit(':', 1)[-1]}, not a name; quote it, or remove it")
+                stack.append((value, (*path, key.value)))
+
+
+def _yaml_value(text: str, origin: str) -> Any:
+    """`text` as YAML within the limits: yaml.YAMLError when malformed, ConfigError past a limit."""
+    loader = _ConfigLoader(text, origin)
+    try:
+        return loader.get_single_data()
+    except RecursionError:  # a backstop: the depth checks above leave nothing known to recurse this far
+        raise ConfigError(f"{origin}: nested too deeply to read (merge keys or aliases?)") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, in one line (its own text spans several)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(exc).splitlines()[0]
 
 
 def parse_config(raw: dict, origin: str = "config") -> StrataConfig:
     try:
         return StrataConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+        problems = [_describe(err) for err in exc.errors()]
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ConfigError(f"{origin}: " + "; ".join(problems[:5]) + more) from None
 
 
 def _describe(err: dict) -> str:
@@ -294,30 +449,34 @@ def _describe(err: dict) -> str:
 def apply_override(raw: dict, item: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, lists)."""
     key, sep, value_text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set output.uri=./out/run2")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {_quote(item)}: expected key.path=value, e.g. --set output.uri=./out/run2")
+    parts = key.split(".")
+    if len(parts) > MAX_DEPTH or not all(parts):
+        raise ConfigError(f"--set {_quote(key)}: a key path is up to {MAX_DEPTH} names joined by dots, e.g. output.uri")
     try:
-        value = yaml.safe_load(value_text)
+        value = _yaml_value(value_text, f"--set {_quote(key)}")
     except yaml.YAMLError:
-        value = value_text
-    parts = key.strip().split(".")
+        value = value_text  # not YAML (e.g. *.jsonl): the text itself
     node: Any = raw
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: {part!r} is not an index of the {len(node)}-item list")
+            index = int(part) if re.fullmatch(r"[0-9]{1,9}", part) else len(node)  # ASCII digits only: int() takes more
+            if index >= len(node):
+                raise ConfigError(f"--set {_quote(key)}: {_quote(part)} is not an index of the {len(node)}-item list")
             if last:
-                node[int(part)] = value
+                node[index] = value
             else:
-                node = node[int(part)]
+                node = node[index]
         elif isinstance(node, dict):
             if last:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section")
+            raise ConfigError(f"--set {_quote(key)}: {_quote('.'.join(parts[:depth]))} is a value, not a section")
 
 
 def redacted(config: StrataConfig) -> dict:

@@ -101,3 +101,107 @@ def test_shipped_configs_are_valid_for_the_default_model(path):
     config = load_config(path)
     model, outputs = resolve(config)
     assert [o.name for o in outputs] == [o.name for o in config.outputs]
+
+
+# Hostile input: each kind ends in one ConfigError line, fast, never a traceback.
+
+ALIAS_BOMB = "\n".join(["storage:", "  options:", "    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+                       + [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)])
+
+
+def write(path: Path, body: str | bytes, base: bool = True) -> Path:
+    head = b"input: {uri: in/}\noutput: {uri: out/}\n" if base else b""
+    path.write_bytes(head + (body.encode() if isinstance(body, str) else body))
+    return path
+
+
+def assert_config_error(path, overrides=None, *, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(path, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_config_bytes_that_are_not_utf8_yaml_text(tmp_path: Path):
+    latin1 = write(tmp_path / "latin1.yaml", "# résumé\n".encode("latin-1"))
+    assert_config_error(latin1, match=r"latin1.yaml is not UTF-8 text: byte 0xe9 at line 3, column 4")
+    assert_config_error(write(tmp_path / "nul.yaml", b"x: a\0b\n"), match="not valid YAML: unacceptable character")
+    assert_config_error(write(tmp_path / "tag.yaml", "x: !!python/object:os.system {}\n"),
+                        match=r"not valid YAML: could not determine a constructor .* \(line 3")
+    assert_config_error(write(tmp_path / "date.yaml", "model: {name_or_path: 2024-13-01}\n"),
+                        match="cannot read '2024-13-01' as timestamp: month must be in 1..12")
+    assert_config_error(write(tmp_path / "bool.yaml", "model: {name_or_path: !!bool maybe}\n"),
+                        match="cannot read 'maybe' as bool")
+
+
+def test_config_files_are_read_bounded(tmp_path: Path):
+    assert_config_error("/dev/zero", match="is over 1,000,000 bytes")
+    assert_config_error(write(tmp_path / "big.yaml", "#" + "x" * 1_000_000 + "\n"), match="is over 1,000,000 bytes")
+    assert_config_error(tmp_path, match="cannot read config .*: Is a directory")
+
+
+@pytest.mark.parametrize("body", ["[" * 50_000 + "]" * 50_000, "{a: " * 50_000 + "1" + "}" * 50_000, "[" * 40])
+def test_deep_nesting_is_refused_before_recursion(tmp_path: Path, body: str):
+    assert_config_error(write(tmp_path / "deep.yaml", f"model: {body}\n"), match="nested more than 32 levels deep")
+    assert_config_error(write(tmp_path / "c.yaml", ""), [f"model={body}"],
+                        match="--set 'model': nested more than 32 levels deep")
+
+
+def test_deep_aliases_and_merge_chains_are_refused(tmp_path: Path):
+    chain = "m0: &m0 {k0: 1}\n" + "".join(f"m{i}: &m{i} {{<<: *m{i - 1}, k{i}: 1}}\n" for i in range(1, 1500))
+    assert_config_error(write(tmp_path / "merge.yaml", chain + "<<: *m1499\n"),
+                        match="nested more than 32 levels deep, YAML aliases included")
+    assert_config_error(write(tmp_path / "cycle.yaml", "storage: {options: {x: &a [*a]}}\n"),
+                        match="nested more than 32 levels deep")
+
+
+def test_alias_bombs_are_refused_and_small_aliases_still_work(tmp_path: Path):
+    bomb = write(tmp_path / "bomb.yaml", ALIAS_BOMB + "\n")
+    assert len(bomb.read_bytes()) < 1_000
+    assert_config_error(bomb, match="more than 10,000 values once YAML aliases are expanded .*storage.options.l9")
+    flow = "[" + ", ".join(line.split(": ", 1)[1] for line in ALIAS_BOMB.splitlines()[2:]) + "]"
+    assert_config_error(write(tmp_path / "c.yaml", ""), [f"storage.options.x={flow}"],
+                        match="--set 'storage.options.x': more than 10,000 values")
+    assert_config_error(write(tmp_path / "wide.yaml", "x: [" + ", ".join(["1"] * 20_000) + "]\n"),
+                        match="more than 10,000 values")
+    shared = write(tmp_path / "shared.yaml", "outputs:\n- &spec {name: a, pooling: max}\n- {<<: *spec, name: b}\n")
+    assert [(o.name, o.pooling) for o in load_config(shared).outputs] == [("a", "max"), ("b", "max")]
+
+
+def test_storage_options_are_scalars_with_one_level_of_mapping(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "storage:\n  options:\n    use_ssl: false\n    default_block_size: 1048576\n"
+                                      "    s3_additional_kwargs: {ServerSideEncryption: AES256}\n")
+    assert load_config(path).storage.options["s3_additional_kwargs"] == {"ServerSideEncryption": "AES256"}
+    for override, where in [("storage.options.x=[1, 2]", "'x' is a list"),
+                            ("storage.options.x=[[1]]", "'x' is a list"),
+                            ("storage.options.config_kwargs={retries: {max_attempts: 3}}",
+                             "'config_kwargs.retries' is a dict"),
+                            ("storage.options.x={a: [1]}", "'x.a' is a list")]:
+        assert_config_error(path, [override], match=f"storage.options: {where}; an option is a string, number")
+
+
+def test_keys_must_be_names(tmp_path: Path):
+    assert_config_error(write(tmp_path / "int.yaml", "1: x\n"),
+                        match="the key '1' at line 3 is read as int, not a name")
+    assert_config_error(write(tmp_path / "bool.yaml", "input: {uri: a, on: x}\n"),
+                        match="the key 'on' at line 3 is read as bool")
+    assert_config_error(write(tmp_path / "seq.yaml", "? [a]\n: b\n"), match="the key a sequence at line 3")
+
+
+def test_values_that_would_break_downstream_code(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "")
+    assert_config_error(write(tmp_path / "huge.yaml", "batching: {fragment_docs: " + "9" * 5000 + "}\n"),
+                        match="cannot read '9999.*' as int")
+    assert_config_error(path, ["batching.fragment_docs=" + "9" * 30],
+                        match="fragment_docs: a 100-bit number is out of range")
+    assert_config_error(path, ["storage.connect_timeout=inf"], match="connect_timeout: inf is not a finite number")
+    assert_config_error(path, ["storage.options.x=.nan"], match="'x': nan is not a finite number")
+    assert_config_error(write(tmp_path / "nul.yaml", 'model: {name_or_path: "a\\0b"}\n'),
+                        match="name_or_path: 'a\\\\x00b' contains a NUL character")
+
+
+def test_override_key_paths_are_bounded(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "outputs: [{name: x}]\n")
+    assert_config_error(path, [".".join(["a"] * 50_000) + "=1"], match="a key path is up to 32 names")
+    assert_config_error(path, ["outputs..name=1"], match="a key path is up to 32 names")
+    assert_config_error(path, ["outputs." + "9" * 5000 + ".name=y"], match="is not an index of the 1-item list")
+    assert_config_error(path, ["outputs.²=y"], match="'²' is not an index of the 1-item list")
