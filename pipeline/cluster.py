@@ -8,6 +8,8 @@ of a run lives in its output location, so a stopped or retried job resumes where
 
 Every strata job carries metadata (`strata`, `config`, `output`) so that `strata jobs` lists
 only strata's jobs and `submit` refuses to start a second job on an output a running one writes.
+A head that is still starting turns submissions away until its job agent is up: `submit` asks
+again for a while, and takes no other refusal for an answer to wait out.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -37,6 +40,11 @@ ACTIVE = ("PENDING", "RUNNING")
 CONNECT_TIMEOUT_S = 5.0  # Ray's client has no timeout: an unroutable address would hang for minutes
 STOP_TIMEOUT_S = 120.0
 POLL_S = 0.5
+# Until the head's job agent has registered, its job server answers submissions with this (HTTP
+# 500, after waiting 10 s itself); on a busy machine that lasts well past `ray start --head`.
+NOT_READY = "No available agent to submit job"
+SUBMIT_RETRY_S = 60.0  # how long submit keeps asking a head that is not ready
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 8.0  # the wait between tries doubles from the first to the most
 
 
 class JobError(StrataError):
@@ -95,8 +103,10 @@ def connect(address: str | None):
     _use_ray_token_if_present()
     from ray.job_submission import JobSubmissionClient
 
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package ...", "WebSocket closed ..."
+    # "Uploading package ...", "WebSocket closed ...", "Creating a file package ...": not for users
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         with _without_address_variables():  # Ray lets them override the address it is given
             return JobSubmissionClient(url)
@@ -136,7 +146,17 @@ def _server_refusal(url: str, exc: Exception) -> str:
                 "cluster's token in ~/.ray/auth_token (ray get-auth-token on the head)")
     if "Jobs API is not supported" in text or "Version check" in text:
         return f"{url} answers, but not as a Ray job server; check the address (the head's dashboard port, 8265)"
-    return f"the Ray job server at {url} refused the request: {one_line(exc)}"
+    return f"the Ray job server at {url} refused the request: {_answer(exc)}"
+
+
+def _answer(exc: Exception) -> str:
+    """What the job server answered, in one line: `HTTP 500: <its text>`. Ray's client appends a
+    period to the text, and most refusals carry a Python traceback, which the last line sums up."""
+    found = re.fullmatch(r"Request failed with status code (\d+): (.*)\.", str(exc).strip(), re.S)
+    if not found:
+        return one_line(exc)
+    lines = [line.strip() for line in found.group(2).splitlines() if line.strip(" .")]
+    return f"HTTP {found.group(1)}: {lines[-1] if lines else 'no text'}"
 
 
 def for_cluster(config: StrataConfig) -> StrataConfig:
@@ -177,12 +197,42 @@ def submit(client, config: StrataConfig, name: str, ship_code: bool = False) -> 
                              "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
         if ship_code:
             runtime_env["py_modules"] = [str(Path(__file__).parent)]
+        return _submit_when_ready(client, {
+            "entrypoint": ENTRYPOINT, "runtime_env": runtime_env, "submission_id": _new_job_id(name),
+            "metadata": {"strata": __version__, "config": name, "output": config.output.uri}})
+
+
+def _submit_when_ready(client, job: dict) -> str:
+    """Submit, asking again with backoff for up to SUBMIT_RETRY_S while the head answers NOT_READY;
+    any other refusal is final. Every try sends the same submission id, so a try the server carried
+    out although it answered an error makes the next one fail with "already exists": that is this job."""
+    url, started, wait, tries = client.get_address(), time.monotonic(), RETRY_FIRST_S, 0
+    while True:
+        tries += 1
         try:
-            return client.submit_job(
-                entrypoint=ENTRYPOINT, runtime_env=runtime_env, submission_id=_new_job_id(name),
-                metadata={"strata": __version__, "config": name, "output": config.output.uri})
+            return client.submit_job(**job)
         except Exception as exc:  # noqa: BLE001 - HTTP errors of the job server arrive as RuntimeError
-            raise JobError(_server_refusal(client.get_address(), exc)) from None
+            if tries > 1 and "already exists" in str(exc) and _is_this_job(client, job):
+                return job["submission_id"]
+            if NOT_READY not in str(exc):
+                raise JobError(_server_refusal(url, exc)) from None
+            left = started + SUBMIT_RETRY_S - time.monotonic()
+            if left <= 0:
+                raise JobError(f"the Ray job server at {url} kept answering {_answer(exc)} ({tries} tries in "
+                               f"{SUBMIT_RETRY_S:.0f} s): the head's job agent is not up. A head that "
+                               "is still starting may need longer (submit again); on one that has run for minutes, "
+                               "see dashboard_agent.log in its session logs (e.g. a port the agent could not bind)"
+                               ) from None
+            time.sleep(min(wait, left))
+            wait = min(wait * 2, RETRY_MAX_S)
+
+
+def _is_this_job(client, job: dict) -> bool:
+    try:
+        found = client.get_job_info(job["submission_id"])
+    except Exception:  # noqa: BLE001 - then it is not a job we can claim
+        return False
+    return found.entrypoint == job["entrypoint"] and (found.metadata or {}).get("output") == job["metadata"]["output"]
 
 
 def _new_job_id(name: str) -> str:

@@ -134,13 +134,17 @@ def score(distance: float, metric: str) -> float:
     return 1.0 - distance  # cosine: 1 - cos; dot: 1 - dot
 
 
-def connect(uri: str):
-    """A LanceDB database; for S3 the endpoint comes from AWS_ENDPOINT_URL, as for every strata URI."""
+def connect(uri: str, create: bool = False, storage: StorageConfig | None = None):
+    """A LanceDB database; for S3 the endpoint comes from AWS_ENDPOINT_URL, as for every strata URI.
+    Only `create` (strata index) may bring it into being: LanceDB makes a missing local folder on
+    connect, and a search, which only reads, must leave a mistyped path as it found it."""
     try:
         import lancedb
     except ImportError:
         raise StrataError("strata index and strata search need LanceDB: pip install 'strata[search]'") from None
 
+    if not create:
+        _require_database(uri, storage)
     options = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if uri.split("://", 1)[0] in S3_PROTOCOLS and endpoint:
@@ -149,6 +153,20 @@ def connect(uri: str):
         return lancedb.connect(uri, storage_options=options or None)
     except Exception as exc:  # noqa: BLE001 - a bad path, no such bucket, no credentials
         raise OutputError(f"cannot open the index at {uri}: {_lance_error(exc)}") from None
+
+
+def _require_database(uri: str, storage: StorageConfig | None) -> None:
+    """A database is a folder (on object storage: objects under the prefix); look without touching."""
+    try:
+        location = Location.from_uri(uri, storage)
+        location.fs.invalidate_cache(location.root)
+        if location.fs.isdir(location.root):
+            return
+        is_file = location.fs.isfile(location.root)
+    except Exception as exc:  # noqa: BLE001 - no credentials, an unreachable store
+        raise OutputError(f"cannot open the index at {uri}: {one_line(exc)}") from None
+    raise StrataError(f"no LanceDB database at {uri} ({'a file, not a folder' if is_file else 'nothing there'}); "
+                      f"build one with strata index OUTPUT --column COLUMN --to {uri}")
 
 
 def _lance_error(exc: BaseException) -> str:
@@ -210,7 +228,7 @@ def build_or_update(request: IndexRequest, storage: StorageConfig | None = None,
     if snapshot is None:
         raise OutputError(f"{request.output} holds no published version to index (see strata status {request.output})")
     source, file_schema = _describe(location, snapshot, request)
-    db = connect(request.to)
+    db = connect(request.to, create=True)
     name = request.table or request.column + ("" if request.layer is None else f"_layer{source.layer}")
     table, held = (None, None) if request.rebuild else _existing(db, request.to, name)
     info = IndexInfo(location.uri(), request.column, source.layer, source.position,
@@ -358,7 +376,7 @@ def search(uri: str, texts: list[str], k: int = 10, table_name: str | None = Non
     input no longer holds that document there)."""
     from pipeline.query import QueryEncoder
 
-    table, info = open_table(connect(uri), uri, table_name)
+    table, info = open_table(connect(uri, storage=storage), uri, table_name)
     if info is None or info.version is None:
         raise StrataError(f"{uri} table {table.name} is not a finished strata index; run strata index again")
     vectors = QueryEncoder(info.identity, info.column, storage).encode(texts)

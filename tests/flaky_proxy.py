@@ -1,23 +1,49 @@
-"""An HTTP proxy in front of the S3 server that answers 503 SlowDown to every Nth request and
-drops the connection of every Mth, the way a throttled or overloaded store does."""
+"""An HTTP proxy in front of a real server that injects the faults of a hostile environment: an
+error answer (a `Fault`) or a dropped connection.
+
+Which requests: every Nth (`fail_every`, `reset_every`), the way a throttled or overloaded S3
+store answers 503 SlowDown or drops a connection; or, in turn, the first ones as a `script`
+says: "fail" answers the fault, "lose" forwards the request and answers the fault in place of
+the server's reply (the server acted, the client was told it failed). `only` (method, path)
+confines faults and counting to those requests; the rest, and all others, pass through.
+"""
 
 from __future__ import annotations
 
 import http.client
 import itertools
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
+
+@dataclass(frozen=True)
+class Fault:
+    status: int
+    content_type: str
+    body: bytes
+
+
+SLOW_DOWN = Fault(503, "application/xml", b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                                          b"<Message>Please reduce your request rate.</Message></Error>")
+# A Ray head's answer to a job submission until its job agent has registered (Ray 2.60, as captured)
+NO_AGENT = Fault(500, "text/plain; charset=utf-8", b"No available agent to submit job, please try again later.")
 
 
 class FlakyProxy:
-    def __init__(self, upstream: str, fail_every: int = 5, reset_every: int = 11):
+    def __init__(self, upstream: str, fail_every: int | None = None, reset_every: int | None = None,
+                 fault: Fault = SLOW_DOWN, script: tuple[str, ...] = (), only: tuple[str, str] | None = None):
         host, port = upstream.removeprefix("http://").split(":")
         counter, lock = itertools.count(1), threading.Lock()
-        self.failed = self.reset = 0
+        self.seen = self.failed = self.reset = 0
         proxy = self
+
+        def action(n: int) -> str:
+            if n <= len(script):
+                return script[n - 1]
+            if reset_every and n % reset_every == 0:
+                return "reset"
+            return "fail" if fail_every and n % fail_every == 0 else "pass"
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -27,36 +53,47 @@ class FlakyProxy:
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    n = next(counter)
-                if n % reset_every == 0:
+                todo = "pass"
+                if only is None or (self.command, self.path) == only:
+                    with lock:
+                        n = next(counter)
+                        proxy.seen += 1
+                    todo = action(n)
+                if todo == "reset":
                     proxy.reset += 1
                     self.close_connection = True
                     self.connection.close()  # no answer at all: a dropped connection
                     return
-                if n % fail_every == 0:
+                if todo == "fail":
                     proxy.failed += 1
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
-                    self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
-                    return
+                    return self._answer(fault.status, [("Content-Type", fault.content_type)], fault.body)
+                answer = self._upstream(body)
+                if todo == "lose":
+                    proxy.failed += 1
+                    return self._answer(fault.status, [("Content-Type", fault.content_type)], fault.body)
+                self._answer(*answer)
+
+            def _upstream(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
                 conn = http.client.HTTPConnection(host, int(port), timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
+                conn.close()
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
+                headers = [(key, value) for key, value in response.getheaders()
+                           if key.lower() not in ("transfer-encoding", "connection", "content-length")]
+                return response.status, headers + [("Content-Length", length or str(len(data)))], data
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(status)
+                for key, value in headers:
+                    self.send_header(key, value)
+                if not any(key.lower() == "content-length" for key, _ in headers):
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

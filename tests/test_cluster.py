@@ -23,7 +23,8 @@ import psutil
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import CORPUS, write_config
+from conftest import CORPUS, cli, write_config
+from flaky_proxy import NO_AGENT, FlakyProxy
 from test_cli import assert_one_line_error, strata
 
 CORPUS_ROWS = 300
@@ -143,18 +144,30 @@ def _metric(head: Head, name: str, output: Path) -> float | None:
     return None
 
 
-def test_submit_follow_runs_the_config_as_a_job_and_exports_metrics(ray_head, tmp_path):
+def test_submit_waits_for_a_starting_head_runs_the_config_as_a_job_and_exports_metrics(ray_head, tmp_path):
     output = tmp_path / "out"
-    result = strata("submit", str(_config(tmp_path, output)), "--address", ray_head.address, "--follow")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    job_id = result.stdout.splitlines()[0]
+    # a head whose job agent is not up yet: "No available agent" twice, the second time after it
+    # took the job (the answer lost on the way), so the third try finds the job already there
+    proxy = FlakyProxy(ray_head.address, fault=NO_AGENT, script=("fail", "lose"), only=("POST", "/api/jobs/"))
+    try:
+        submitted = strata("submit", str(_config(tmp_path, output)), "--address", proxy.url)
+    finally:
+        proxy.stop()
+    assert submitted.returncode == 0, submitted.stderr
+    assert (proxy.seen, proxy.failed) == (3, 2)
+    job_id = submitted.stdout.strip()
     assert job_id.startswith("strata-job-")
+
+    result = strata("jobs", "logs", job_id, "--follow", "--address", ray_head.address)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "strata run summary" in result.stdout  # the job's own log, streamed
     assert f"job {job_id} succeeded" in result.stderr
 
     ids = _ids(output)
     assert len(ids) == CORPUS_ROWS and set(ids) == _input_ids()
-    job = _jobs(ray_head)[job_id]
+    jobs = _jobs(ray_head)
+    assert [job_id] == [other for other, job in jobs.items() if job["output"] == str(output)]  # submitted once
+    job = jobs[job_id]
     assert job["status"] == "SUCCEEDED" and job["output"] == str(output) and job["config"] == "job"
     shown = strata("jobs", "show", job_id, "--address", ray_head.address)
     assert json.loads(shown.stdout)["entrypoint"] == "python -m pipeline.cli run strata-job.yaml"
@@ -202,6 +215,42 @@ def test_stopped_job_resubmitted_finishes_exactly_once(ray_head, tmp_path):
     ids = _ids(output)
     assert len(ids) == len(set(ids)) == CORPUS_ROWS and set(ids) == _input_ids()
     assert len(list(commits.glob("*.json"))) == 30
+
+
+def test_a_head_that_never_gets_ready_fails_submit_in_one_line(ray_head, tmp_path, monkeypatch, capsys):
+    from pipeline import cluster
+
+    monkeypatch.setattr(cluster, "SUBMIT_RETRY_S", 3.0)
+    output = tmp_path / "out"
+    proxy = FlakyProxy(ray_head.address, fail_every=1, fault=NO_AGENT, only=("POST", "/api/jobs/"))
+    try:
+        started = time.monotonic()
+        code, out, err = cli(capsys, "submit", str(_config(tmp_path, output)), "--address", proxy.url)
+    finally:
+        proxy.stop()
+    assert time.monotonic() - started < 20
+    assert_one_line_error(subprocess.CompletedProcess([], code, out, err),
+                          f"the Ray job server at {proxy.url} kept answering HTTP 500: No available agent to submit "
+                          f"job, please try again later. ({proxy.seen} tries in 3 s): the head's job agent is not up")
+    assert proxy.seen == proxy.failed >= 2  # asked again, with the same answer every time
+    assert not [job for job in _jobs(ray_head).values() if job["output"] == str(output)]
+
+
+def test_a_real_refusal_is_not_retried(ray_head, tmp_path, monkeypatch, capsys):
+    from pipeline import cluster
+
+    taken = f"strata-taken-{os.getpid()}"
+    cluster.connect(ray_head.address).submit_job(entrypoint="true", submission_id=taken)
+    monkeypatch.setattr(cluster, "_new_job_id", lambda name: taken)
+    proxy = FlakyProxy(ray_head.address, only=("POST", "/api/jobs/"))  # counts, passes everything
+    try:
+        code, out, err = cli(capsys, "submit", str(_config(tmp_path, tmp_path / "out")), "--address", proxy.url)
+    finally:
+        proxy.stop()
+    assert_one_line_error(subprocess.CompletedProcess([], code, out, err),
+                          f"the Ray job server at {proxy.url} refused the request: HTTP 500: ValueError: Job with "
+                          f"submission_id {taken} already exists")
+    assert proxy.seen == 1
 
 
 def test_unreachable_job_server_fails_fast_with_one_line(tmp_path):

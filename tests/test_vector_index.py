@@ -143,6 +143,82 @@ def test_mistakes_get_one_line_that_names_the_fix(passage_output, tmp_path, caps
                           "with --layer"), err
 
 
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder below root (root included) with its size and modification time."""
+    return {str(path): (path.stat().st_size, path.stat().st_mtime_ns) for path in [root, *root.rglob("*")]}
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 1 and err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert all(fragment in err for fragment in fragments), err
+
+
+def test_search_only_reads_a_database_that_is_there(indexed, capsys):
+    _, docs, db = indexed
+    before = tree(db)
+    code, out, err = cli(capsys, "search", str(db), "anything", "--table", "nope")
+    assert_one_line_error(code, err, f"{db} has no table 'nope'; it holds hnsw, ivf_pq")
+    code, out, err = cli(capsys, "search", str(db), next(iter(docs.values()))["text"], "--table", "hnsw", "--json")
+    assert code == 0 and json.loads(out)["results"], err
+    assert tree(db) == before  # not a lock, a manifest or a cache file more
+
+
+def test_search_of_a_missing_database_fails_in_one_line_and_creates_nothing(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a database")
+    before = tree(tmp_path)
+    for name, why in (("no-such-db", "nothing there"), ("parent/no-such-db", "nothing there"),
+                      ("a-file", "a file, not a folder")):
+        code, _, err = cli(capsys, "search", str(tmp_path / name), "a query")
+        assert_one_line_error(code, err, f"no LanceDB database at {tmp_path / name} ({why}); build one with strata "
+                                         f"index OUTPUT --column COLUMN --to {tmp_path / name}")
+    with pytest.raises(StrataError, match="no LanceDB database at"):
+        search(str(tmp_path / "no-such-db"), ["a query"])
+    assert tree(tmp_path) == before
+
+
+def test_index_mistakes_create_no_database(passage_output, tmp_path, capsys):
+    output, _ = passage_output
+    code, _, err = cli(capsys, "index", str(output), "--column", "nope", "--to", str(tmp_path / "db"))
+    assert_one_line_error(code, err, "no vector column 'nope'")
+    code, _, err = cli(capsys, "index", str(tmp_path / "no-output"), "--column", "sentence", "--to", str(tmp_path / "db"))
+    assert_one_line_error(code, err, "holds no published version")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def object_store():
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="indexes")
+    client.put_object(Bucket="indexes", Key="other/file.txt", Body=b"something else")
+    yield endpoint, client
+    server.stop()
+
+
+def test_search_on_object_storage_without_a_database_creates_nothing(object_store, monkeypatch, capsys):
+    import s3fs
+
+    endpoint, client = object_store
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches filesystems by options, not by the endpoint variable
+
+    def stored() -> dict[str, list[str]]:
+        return {bucket["Name"]: [o["Key"] for o in client.list_objects_v2(Bucket=bucket["Name"]).get("Contents", [])]
+                for bucket in client.list_buckets()["Buckets"]}
+
+    before = stored()
+    for uri in ("s3://indexes/no-such-db", "s3://no-such-bucket/db"):
+        code, _, err = cli(capsys, "search", uri, "a query")
+        assert_one_line_error(code, err, f"no LanceDB database at {uri} (nothing there)")
+    assert stored() == before == {"indexes": ["other/file.txt"]}
+
+
 def test_readme_faiss_example_finds_the_exact_neighbours(passage_output):
     output, _ = passage_output
     code = re.search(r"<!-- tested: faiss -->\n```python\n(.*?)```", README.read_text(), re.S).group(1)
