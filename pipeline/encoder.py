@@ -8,10 +8,13 @@ memory. Only model replicas import this module (and torch).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from pipeline.errors import ModelError
+from pipeline.model import WEIGHT_FILES
 
 
 def pick_device() -> torch.device:
@@ -34,7 +37,14 @@ class Encoder(nn.Module):
 
         hf_logging.set_verbosity_error()  # the pooler weights we skip are not worth a warning
         hf_logging.disable_progress_bar()  # nor is a "Loading weights" bar per replica
-        model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model, loading = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                   output_loading_info=True)
+        # transformers fills tensors the weights lack with random values, and only logs it
+        missing = sorted(key for key in loading["missing_keys"] if not key.startswith("pooler."))
+        if missing:
+            weights = next((name for name in WEIGHT_FILES if (Path(path) / name).is_file()), "the weights")
+            raise ModelError(f"cannot load the weights of {path}: {weights} lacks {len(missing)} of the model's "
+                             f"tensors ({missing[0]}, ...); config.json describes another model")
         layers = _layer_list(model)
         if depth > len(layers):
             raise ModelError(f"asked for layer {depth} but {path} has {len(layers)} layers")

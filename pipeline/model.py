@@ -1,7 +1,9 @@
-"""The model folder: find it (packaged, local or on object storage), read its identity and limits.
+"""The model folder: find it (packaged, local or on object storage), read its identity and limits,
+and check it on the driver, so that a broken folder ends in one ModelError line, not in a replica.
 
-No torch here: the driver and the CPU workers need the folder, not the weights in memory.
-`encoder.py` loads the weights on a model replica.
+No torch at import: the driver and the CPU workers need the folder, not the weights in memory.
+`encoder.py` loads the weights on a model replica; `check_weights_load` loads them the same way
+for `strata validate`.
 """
 
 from __future__ import annotations
@@ -9,17 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 import shutil
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.config import ModelConfig, StorageConfig
-from pipeline.errors import ConfigError, ModelError, one_line
+from pipeline.errors import ConfigError, ModelError, StrataError, one_line
 from pipeline.storage import open_fs
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 when they set no limit
+# far beyond any encoder; a larger config.json value is a typo that would have replicas allocate forever
+MAX_LAYERS = 1_000
+MAX_HIDDEN_SIZE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,8 @@ def local_model_path(info: ModelInfo, storage: StorageConfig | None = None) -> s
 
 
 def resolve_model(cfg: ModelConfig, storage: StorageConfig | None = None) -> ModelInfo:
+    """The folder's identity and limits, each field it gives checked: a broken file ends here, on
+    the driver, in one ModelError naming the file and the field."""
     if is_remote(cfg.name_or_path):
         folder = fetch_model(cfg.name_or_path, storage)
     else:
@@ -97,55 +108,221 @@ def resolve_model(cfg: ModelConfig, storage: StorageConfig | None = None) -> Mod
             f"model.name_or_path {cfg.name_or_path!r}: no config.json in {folder}; "
             "give a local Hugging Face model folder, or 'default'"
         )
-    hf_config = json.loads(config_file.read_text())
-    num_layers = hf_config.get("num_hidden_layers") or hf_config.get("n_layers")
-    hidden = hf_config.get("hidden_size") or hf_config.get("dim")
+    hf_config = _json_object(config_file)
+    num_layers = _integer(config_file, hf_config, "num_hidden_layers", "n_layers", most=MAX_LAYERS)
+    hidden = _integer(config_file, hf_config, "hidden_size", "dim", most=MAX_HIDDEN_SIZE)
     if not num_layers or not hidden:
         raise ModelError(f"{config_file} names no num_hidden_layers/hidden_size: not a BERT-style encoder")
-    limit = _model_length_limit(folder, hf_config)
+    heads = _integer(config_file, hf_config, "num_attention_heads", "n_heads")
+    if heads and hidden % heads:  # the replica could not split hidden_size into heads: it would crash
+        raise ModelError(f"{config_file}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    positions = _integer(config_file, hf_config, "max_position_embeddings")
+    limit = _model_length_limit(folder, hf_config, positions)
     if cfg.max_length == "auto":
+        if limit is None:
+            raise ModelError(f"cannot tell the maximum sequence length of {folder}; set model.max_length")
         max_length = limit
-    elif cfg.max_length > hf_config.get("max_position_embeddings", cfg.max_length):
+    elif positions and cfg.max_length > positions:
         raise ConfigError(
             f"model.max_length {cfg.max_length} exceeds the model's position embeddings "
-            f"({hf_config['max_position_embeddings']}); use auto or a smaller number"
+            f"({positions}); use auto or a smaller number"
         )
     else:
         max_length = cfg.max_length
-    return ModelInfo(cfg.name_or_path, str(folder), int(num_layers), int(hidden), int(max_length),
-                     _weights_sha256(folder))
+    return ModelInfo(cfg.name_or_path, str(folder), num_layers, hidden, max_length, _weights_sha256(folder))
 
 
-def _model_length_limit(folder: Path, hf_config: dict) -> int:
-    """The folder's own sequence limit: sentence-transformers' setting, then tokenizer, then positions."""
-    st_file = folder / "sentence_bert_config.json"
-    if st_file.is_file():
-        limit = json.loads(st_file.read_text()).get("max_seq_length")
-        if limit:
-            return int(limit)
-    candidates = []
-    tok_file = folder / "tokenizer_config.json"
-    if tok_file.is_file():
-        tok_limit = json.loads(tok_file.read_text()).get("model_max_length")
-        if tok_limit and tok_limit < _UNBOUNDED:
-            candidates.append(int(tok_limit))
-    positions = hf_config.get("max_position_embeddings")
-    if positions:
-        # RoBERTa-style models reserve pad_token_id + 1 positions before the first token
-        offset = hf_config.get("pad_token_id", 0) + 1 if hf_config.get("model_type") in ("roberta", "xlm-roberta") else 0
-        candidates.append(int(positions) - offset)
-    if not candidates:
-        raise ModelError(f"cannot tell the maximum sequence length of {folder}; set model.max_length")
-    return min(candidates)
+def _model_length_limit(folder: Path, hf_config: dict, positions: int | None) -> int | None:
+    """The folder's own sequence limit: sentence-transformers' setting, else the smaller of the
+    tokenizer's and the positions'. Both files are checked, whichever one decides."""
+    st_file, tok_file, config_file = (folder / name for name in
+                                      ("sentence_bert_config.json", "tokenizer_config.json", "config.json"))
+    st_limit = _integer(st_file, _json_object(st_file), "max_seq_length")
+    tok_limit = _tokenizer_limit(tok_file)
+    if st_limit:
+        limits = {st_file: st_limit}
+    else:
+        limits = {tok_file: tok_limit}
+        if positions:
+            # RoBERTa-style models reserve pad_token_id + 1 positions before the first token
+            roberta = hf_config.get("model_type") in ("roberta", "xlm-roberta")
+            offset = (_integer(config_file, hf_config, "pad_token_id", least=0) or 0) + 1 if roberta else 0
+            limits[config_file] = positions - offset
+    limits = {file: limit for file, limit in limits.items() if limit is not None}
+    if not limits:
+        return None
+    file, limit = min(limits.items(), key=lambda item: item[1])
+    if limit < 2:
+        raise ModelError(f"{file} limits sequences to {limit} tokens, too few for any text")
+    return limit
+
+
+def _tokenizer_limit(file: Path) -> int | None:
+    tok_config = _json_object(file)
+    value = tok_config.get("model_max_length")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= _UNBOUNDED:
+        return None  # the tokenizer sets no limit
+    return _integer(file, tok_config, "model_max_length")
+
+
+def _json_object(file: Path) -> dict:
+    """A JSON file of the model folder that holds an object; {} when there is no such file."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_bytes())
+    except OSError as exc:
+        raise ModelError(f"cannot read {file}: {one_line(exc)}") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested beyond reason
+        raise ModelError(f"{file} is not valid JSON: {one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{file} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _integer(file: Path, data: dict, *keys: str, least: int = 1, most: int | None = None) -> int | None:
+    """The first of `keys` that `data` (read from `file`) sets, checked to be an integer in range;
+    None when it sets none of them."""
+    key = next((key for key in keys if data.get(key) is not None), None)
+    if key is None:
+        return None
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ModelError(f"{file}: {key} must be {kind}, not {reprlib.repr(value)}")
+    if most is not None and value > most:
+        raise ModelError(f"{file}: {key} {value} is beyond any real encoder (at most {most})")
+    return value
+
+
+def check_model_folder(info: ModelInfo, with_transformers: bool = False) -> None:
+    """What the driver can check without the weights: the tokenizer loads as the workers load it,
+    and the tokenizer's ids fit the model's vocabulary; `with_transformers`, also that
+    transformers reads config.json as the replicas read it. Each failure is one ModelError line.
+
+    transformers' config code imports torch when torch is installed (about 2 s and 200 MB), so
+    runs leave that to `strata validate`: the driver stays torch-free.
+    """
+    from pipeline.tokenize import TextTokenizer
+
+    try:
+        tokenizer = TextTokenizer(info.path, info.max_length)  # encodes a probe text
+    except (StrataError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a tokenizer that loads but cannot encode; Rust panics
+        # in tokenizers (pyo3's PanicException) derive from BaseException, not Exception
+        raise ModelError(f"cannot load the tokenizer of {info.path}: {_cause(exc)}") from None
+    if with_transformers:
+        vocab_size = getattr(_transformers_config(info.path), "vocab_size", None)
+    else:
+        vocab_size = _json_object(Path(info.path) / "config.json").get("vocab_size")
+    largest_id = max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if isinstance(vocab_size, int) and largest_id >= vocab_size:
+        raise ModelError(
+            f"{Path(info.path) / 'config.json'}: vocab_size {vocab_size} is too small for the tokenizer, "
+            f"whose ids reach {largest_id}; the tokenizer belongs to another model"
+        )
+
+
+def _transformers_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - unknown model_type, a field of the wrong type, ...
+        raise ModelError(f"transformers cannot read {Path(path) / 'config.json'}: {_cause(exc)}") from None
+
+
+def check_weights_load(info: ModelInfo) -> None:
+    """Load the weights on CPU as a replica does (`encoder.Encoder`, every layer), for `strata
+    validate`: weights torch.load(weights_only=True) refuses, a truncated file, shapes that do not
+    match config.json, and tensors the weights lack (Encoder refuses them) each end in one
+    ModelError line. Needs memory for the whole model."""
+    import torch
+
+    from pipeline.encoder import Encoder
+
+    weights = _weights_file(Path(info.path)).name
+    failed = f"cannot load the weights of {info.path}"
+    with _load_reports() as reports, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. torch's remark on the pickle protocol of a .bin file
+        try:
+            Encoder(info.path, info.num_layers, torch.float32, torch.device("cpu"))
+        except StrataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the weights hold, one line
+            raise ModelError(f"{failed}: {_load_failure(weights, exc, reports)}") from None
+
+
+def _load_failure(weights: str, exc: Exception, reports: list) -> str:
+    """Why loading the weights failed, in words: transformers' own error often only points at a log."""
+    mismatched = sorted((key, list(found), list(wanted)) for report in reports for key, found, wanted in
+                        report.mismatched_keys)
+    if mismatched:
+        key, found, wanted = mismatched[0]
+        return (f"{weights} does not match config.json: {key} is {found} in the weights but {wanted} by "
+                f"config.json ({len(mismatched)} tensors differ)")
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # what torch.load(weights_only=True) refused, without its advice
+        refused = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0]
+        return f"{weights} holds objects other than tensors, which torch.load(weights_only=True) refuses ({refused})"
+    return f"{weights}: {_cause(exc)}"
+
+
+@contextmanager
+def _load_reports() -> Iterator[list]:
+    """transformers' account of each checkpoint loaded inside: missing, unexpected and mismatched keys.
+
+    from_pretrained(output_loading_info=True) would return it, but Encoder (the replicas' code path,
+    which this check must follow) does not ask, and otherwise the account is only a log record that
+    Encoder silences. So the report function is wrapped for the duration (one load at a time, as in
+    `strata validate`); with a transformers that has none, the list stays empty and only the load's
+    own errors count.
+    """
+    from transformers import modeling_utils
+
+    reports: list = []
+    original = getattr(modeling_utils, "log_state_dict_report", None)
+
+    def record(*args, **kwargs):
+        if kwargs.get("loading_info") is not None:
+            reports.append(kwargs["loading_info"])
+        return original(*args, **kwargs)
+
+    if original is not None:
+        modeling_utils.log_state_dict_report = record
+    try:
+        yield reports
+    finally:
+        if original is not None:
+            modeling_utils.log_state_dict_report = original
+
+
+def _cause(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and first line, and the next line when the first only
+    announces it ("Validation error for field 'x':")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)  # a file's bytes echoed: no escapes
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _weights_file(folder: Path) -> Path:
+    """The file a replica loads the weights from: transformers prefers safetensors, as here."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelError(f"no weights ({' or '.join(WEIGHT_FILES)}) in model folder {folder}")
 
 
 def _weights_sha256(folder: Path) -> str:
-    for name in WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-            return digest.hexdigest()
-    raise ModelError(f"no weights ({' or '.join(WEIGHT_FILES)}) in model folder {folder}")
+    path = _weights_file(folder)
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {one_line(exc)}") from None
+    return digest.hexdigest()

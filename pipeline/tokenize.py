@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelError, one_line
 
 CHARS_PER_TOKEN = 32  # a generous bound: real text averages about 4 characters per token
 
@@ -71,6 +71,19 @@ class TokenWindows:
             columns["offset_end"] = pa.ListArray.from_arrays(offsets, pa.array(self.offsets[:, 1]))
         return pa.table(columns)
 
+    def select(self, keep: np.ndarray) -> "TokenWindows":
+        """The windows of the documents where `keep` (N,) bool is true, documents renumbered."""
+        window_kept = keep[self.doc]
+        token_kept = np.repeat(window_kept, self.lengths)
+        renumber = np.cumsum(keep, dtype=np.int32) - 1
+
+        def tokens(values):
+            return None if values is None else values[token_kept]
+
+        return TokenWindows(self.ids[token_kept], self.lengths[window_kept], renumber[self.doc[window_kept]],
+                            self.owned[window_kept], self.span[window_kept], self.n_tokens[keep], self.truncated[keep],
+                            tokens(self.special), tokens(self.word_ids), tokens(self.offsets))
+
     @classmethod
     def from_table(cls, table: pa.Table, n_tokens: np.ndarray, truncated: np.ndarray) -> "TokenWindows":
         def flat(name):
@@ -105,6 +118,11 @@ class TextTokenizer:
             check_stride(stride, max_length, self.prefix + self.suffix)
         self.backend.enable_truncation(max_length, stride=stride or 0)
         self.max_length, self.stride, self.details = max_length, stride, details
+
+    def empty(self, windows: "TokenWindows") -> np.ndarray:
+        """(N,) bool: documents the tokenizer kept nothing of but the special tokens (text made only
+        of characters it strips: zero-width and bidi controls, soft hyphens, lone BOMs, ...)."""
+        return windows.n_tokens <= self.prefix + self.suffix
 
     def encode(self, texts: list[str]) -> TokenWindows:
         encodings = self._encode_truncated(texts) if self.stride is None else self.backend.encode_batch(texts)
@@ -189,12 +207,37 @@ def check_stride(stride: int, max_length: int, added: int) -> None:
 
 
 def _load_backend(model_path: str):
-    """The Rust tokenizer: tokenizer.json when present, else converted by transformers."""
+    """The Rust tokenizer: tokenizer.json when present, else converted by transformers from the
+    folder's vocabulary files. A ModelError (one line: the folder, the file, the cause) when
+    neither gives a tokenizer with a vocabulary."""
     from tokenizers import Tokenizer
 
-    file = Path(model_path) / "tokenizer.json"
-    if file.is_file():
-        return Tokenizer.from_file(str(file))
-    from transformers import AutoTokenizer
+    def fail(why: str, exc: BaseException | None = None) -> ModelError:
+        cause = "" if exc is None else " (" + "".join(
+            c if c.isprintable() else ascii(c)[1:-1] for c in one_line(exc)) + ")"  # tokenizers echoes the file
+        return ModelError(f"cannot load the tokenizer of {model_path}: {why}{cause}")
 
-    return AutoTokenizer.from_pretrained(model_path, use_fast=True).backend_tokenizer
+    folder = Path(model_path)
+    file = folder / "tokenizer.json"
+    if file.is_file():
+        source = file.name
+        try:
+            backend = Tokenizer.from_file(str(file))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for any bad file
+            raise fail("tokenizer.json is not valid", exc) from None
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+        except Exception as exc:  # noqa: BLE001 - unknown tokenizer class, bad vocabulary file, ...
+            raise fail("there is no tokenizer.json and transformers cannot build a tokenizer", exc) from None
+        names = list(dict.fromkeys(type(tokenizer).vocab_files_names.values()))
+        present = [name for name in names if (folder / name).is_file()]
+        if names and not present:
+            # without its files transformers builds a tokenizer that knows only [CLS], [SEP], [UNK], ...
+            raise fail(f"the folder holds no tokenizer files ({' or '.join(names)})")
+        source, backend = " and ".join(present) or "the tokenizer", tokenizer.backend_tokenizer
+    if backend.get_vocab_size(with_added_tokens=False) == 0:
+        raise fail(f"{source} holds an empty vocabulary")
+    return backend
