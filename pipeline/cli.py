@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -26,7 +27,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from pipeline.config import load_config, to_yaml
-from pipeline.errors import StrataError
+from pipeline.errors import StrataError, Terminated
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Embeddings from any encoder layers, for large corpora.")
@@ -56,18 +57,26 @@ def run(config: str = typer.Argument(..., help="YAML config file"), overrides: O
 @app.command()
 def validate(config: str = typer.Argument(..., help="YAML config file"), overrides: Optional[list[str]] = SetOption):
     """Check a config against its model and input, and print it fully resolved."""
+    from pipeline.model import check_model_folder, check_weights_load
+    from pipeline.progress import count_of
     from pipeline.runner import make_plan
 
     cfg = load_config(config, overrides)
     plan = make_plan(cfg)
+    check_model_folder(plan.model, with_transformers=True)
+    check_weights_load(plan.model)  # what a replica does first: a model that cannot load fails here, not in the run
     out.print(to_yaml(cfg), end="", markup=False, highlight=False)
     shards = len({f.shard.source for f in plan.fragments})
-    err.print(
-        f"ok: model {plan.model.name} ({plan.model.num_layers} layers, hidden {plan.model.hidden_size}, "
-        f"max_length {plan.model.max_length}); {shards} shards, {plan.total_rows:,} rows, "
-        f"{len(plan.fragments)} fragments; outputs "
-        + ", ".join(f"{o.name}: layers {list(o.layers)}" for o in plan.outputs)
-    )
+    kept = "".join(f"; kept {f.name}: {f.type}" for f in plan.keep_schema or [])
+    summary = (f"model {plan.model.name} ({plan.model.num_layers} layers, hidden {plan.model.hidden_size}, "
+               f"max_length {plan.model.max_length}); {shards} shards, {plan.total_rows:,} rows, "
+               f"{len(plan.fragments)} fragments; outputs "
+               + ", ".join(f"{o.name}: layers {list(o.layers)}" for o in plan.outputs) + kept)
+    if plan.bad_shards:
+        first = plan.bad_shards[0]
+        raise StrataError(f"{count_of(len(plan.bad_shards), 'shard')} cannot be read ({first.source}: {first.reason}"
+                          f"{'; ...' if len(plan.bad_shards) > 1 else ''}); the rest is fine: {summary}")
+    err.print(f"ok: {summary}", markup=False, highlight=False)
 
 
 @app.command()
@@ -97,7 +106,7 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
                                                f"{max(time.time() - holder.renewed, 0):,.0f} s ago",
         "current_version": snapshots[-1].version if snapshots else None,
         "fingerprint": run_info["fingerprint"],
-        "model": run_info["model"]["name"],
+        "model": run_info["model"].get("name"),
         "last_run_version": plan.get("version", 1),
         "fragments_planned": plan["fragments"],
         "fragments_committed": committed,
@@ -427,14 +436,21 @@ def bench_table(result: dict) -> Table:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders, never a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray's C++ core would turn SIGTERM into an abort with a stack dump (read when ray is imported):
+    # a stopped run unwinds instead, gives its lease back and exits 143, as after Ctrl-C
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except StrataError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted; rerun the same command to resume")
-        sys.exit(130)
+        code = 130
+    except Terminated:
+        err.print("terminated (SIGTERM); committed work is kept: rerun the same command to resume", markup=False,
+                  highlight=False)
+        sys.exit(143)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
         import click
 
@@ -442,6 +458,15 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:  # typer turns Ctrl-C into this code when it does not exit itself
+        err.print("interrupted; committed work is kept: rerun the same command to resume", markup=False,
+                  highlight=False)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

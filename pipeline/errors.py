@@ -3,6 +3,12 @@
 Anything else escaping the pipeline is a bug in strata and keeps its traceback.
 """
 
+import re
+
+
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM): unwinds like Ctrl-C, so the lease is given back."""
+
 
 class StrataError(Exception):
     """Base of every user-fixable error; the message names the thing and the fix."""
@@ -24,7 +30,24 @@ class OutputError(StrataError):
     """The output location cannot be written, or holds a different run."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def one_line(exc: BaseException) -> str:
-    """An exception as one line for an error message: its type and the first line of its text."""
-    text = str(exc).strip().splitlines()
+    """An exception as one line for an error message: its type and the first line of its text
+    (terminal colour codes removed: Ray colours the names of its workers)."""
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def root_cause(exc: BaseException) -> str:
+    """The exception that started it all, as one line: a user error's own message, or the
+    innermost cause of a chain of wrappers (Ray's task errors wrap the worker's exception)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return str(exc) if isinstance(exc, StrataError) else one_line(exc)

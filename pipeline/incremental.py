@@ -43,7 +43,8 @@ def changes_name(source: str) -> str:
     return f"{safe_stem(source)}-{hashlib.sha256(source.encode()).hexdigest()[:12]}.parquet"
 
 
-def diff_shard(task: DiffTask, cfg: InputConfig, output_uri: str, storage: StorageConfig | None = None) -> dict:
+def diff_shard(task: DiffTask, cfg: InputConfig, output_uri: str, storage: StorageConfig | None = None,
+               kept: pa.Schema | None = None) -> dict:
     """Counts of added/changed/unchanged/deleted documents and the shard's rows, or an error
     saying why the shard could not be compared. A changes file already there (a resumed run)
     is reused when it was made from the same shard version: the diff of the same input against
@@ -58,7 +59,7 @@ def diff_shard(task: DiffTask, cfg: InputConfig, output_uri: str, storage: Stora
             if task.shard is None or (shard_version and compared == shard_version):
                 return {"source": task.source, **done, "error": ""}
         old = _old_index(location, task.old_fragments)
-        new, rows = _new_index(task.shard, cfg, storage) if task.shard else (INDEX_SCHEMA.empty_table(), 0)
+        new, rows = _new_index(task.shard, cfg, storage, kept) if task.shard else (INDEX_SCHEMA.empty_table(), 0)
         changes = diff(old, new)
         counts = {**count_changes(changes), "rows": rows}
         metadata = {COUNTS_KEY: json.dumps({**counts, "shard_version": shard_version})}
@@ -83,12 +84,13 @@ def _old_index(location: Location, fragments: tuple[str, ...]) -> pa.Table:
         "fragment", pa.array([], pa.string()))
 
 
-def _new_index(shard: Shard, cfg: InputConfig, storage: StorageConfig | None) -> tuple[pa.Table, int]:
+def _new_index(shard: Shard, cfg: InputConfig, storage: StorageConfig | None,
+               kept: pa.Schema | None) -> tuple[pa.Table, int]:
     fs, _ = open_fs(cfg.uri, storage)
     rows = count_rows(fs, shard)
     ranges = [(start, min(start + DIFF_CHUNK_ROWS, rows)) for start in range(0, rows, DIFF_CHUNK_ROWS)]
     parts = [index_table(chunk.docs["id"], content_hashes(chunk.docs, cfg.keep_fields), chunk.docs["row"])
-             for chunk in (read_ranges(fs, shard, ranges, cfg) if ranges else [])]
+             for chunk in (read_ranges(fs, shard, ranges, cfg, kept) if ranges else [])]
     return (pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()), rows
 
 

@@ -27,9 +27,8 @@ from typing import Callable
 import psutil
 
 from pipeline.errors import OutputError
+from pipeline.manifest import LEASE_FILE, record_from
 from pipeline.storage import Location
-
-LEASE_FILE = "_manifest/lease.json"
 RENEW_S = 15.0
 TTL_S = 60.0  # a holder that has not renewed for this long is gone
 WATCH_EVERY_S = 2.0
@@ -75,12 +74,17 @@ class Lease:
         self._renewer.start()
 
     def release(self) -> None:
+        """Give the output back. Best effort: when the output cannot be written any more (a full
+        or read-only disk, a deleted folder) the lease simply runs out, and the run's own error says why."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        current = self._read()
-        if current is not None and current.token == self.holder.token:
-            self.location.remove(LEASE_FILE)
+        try:
+            current = self._read()
+            if current is not None and current.token == self.holder.token:
+                self.location.remove(LEASE_FILE)
+        except Exception:  # noqa: BLE001 - see above
+            pass
 
     def __enter__(self) -> "Lease":
         return self
@@ -126,6 +130,6 @@ def current_holder(location: Location) -> Holder | None:
     if not location.exists(LEASE_FILE):
         return None
     try:
-        return Holder(**json.loads(location.read_bytes(LEASE_FILE)))
-    except (ValueError, TypeError, FileNotFoundError):  # half-written or just removed
+        return record_from(json.loads(location.read_bytes(LEASE_FILE)), Holder, ValueError)
+    except (ValueError, TypeError, FileNotFoundError):  # just removed, or damaged: no live run writes it like that
         return None

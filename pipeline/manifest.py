@@ -3,27 +3,38 @@
 `run.json` holds the resolved config, its fingerprint, the model identity and the latest
 summary. `fragments/<id>.json` is written only after every data file of that fragment (and its
 hash index, `hashes/<id>.parquet`) is in place: a fragment with a record is done, one without
-is recomputed. That is all resuming needs. `failures/<id>.json` says why the last run could
-not embed a fragment or a shard. Which committed fragments make up a published version is the
-business of `versions.py`.
+is recomputed. That is all resuming needs. Before writing a fragment's first file, the write
+step names every file it is about to write in `writing/<id>.json` (the write journal, removed
+after the commit): a run that dies midway leaves the journal, and the next run removes exactly
+the files it names — never a file strata cannot prove it wrote. `failures/<id>.json` says why
+the last run could not embed a fragment or a shard. Which committed fragments make up a
+published version is the business of `versions.py`.
+
+Everything here reads files that other processes (or people) may have damaged: a record cut
+short or of the wrong shape is an `OutputError` naming the file, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import re
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from pipeline.config import identity_changes
 from pipeline.errors import OutputError, one_line
-from pipeline.storage import TEMP_PREFIX, Location
+from pipeline.storage import Location, temp_target
 
 RUN_FILE = "_manifest/run.json"
 FRAGMENTS_DIR = "_manifest/fragments"
 HASHES_DIR = "_manifest/hashes"  # per fragment: id, content hash and row of each document in its data
 FAILURES_DIR = "_manifest/failures"
 ATTEMPTS_DIR = "_manifest/attempts"  # one empty object per start of a fragment's embedding, this run
+WRITING_DIR = "_manifest/writing"  # per fragment being written: the files it is about to write
+LEASE_FILE = "_manifest/lease.json"  # see lease.py
+WRITE_PROBE = "_manifest/.write-probe"
+_ATTEMPT = re.compile(r"^(?P<fragment>.+)\.[0-9a-f]{12}$")
 
 
 @dataclass
@@ -69,9 +80,17 @@ class Manifest:
         self.location = location
 
     def read_run(self) -> dict | None:
+        """run.json, checked for the keys strata reads; None when the output has none yet."""
         if not self.location.exists(RUN_FILE):
             return None
-        return json.loads(self.location.read_bytes(RUN_FILE))
+        run = read_json(self.location, RUN_FILE, dict)
+        for key, kind in (("fingerprint", str), ("identity", dict), ("model", dict), ("plan", dict)):
+            if not isinstance(run.get(key), kind):
+                raise damaged(self.location, RUN_FILE, f"its {key!r} is missing or not a {kind.__name__}")
+        for key in ("fragments", "rows"):
+            if not isinstance(run["plan"].get(key), int) or isinstance(run["plan"][key], bool):
+                raise damaged(self.location, RUN_FILE, f"its plan.{key} is missing or not a number")
+        return run
 
     def write_run(self, run: dict) -> None:
         self.location.write_bytes(json.dumps(run, indent=2).encode(), RUN_FILE)
@@ -99,22 +118,30 @@ class Manifest:
         return {n.removesuffix(".json") for n in self.location.list_names(FRAGMENTS_DIR) if n.endswith(".json")}
 
     def record(self, fragment: str) -> CommitRecord:
-        return CommitRecord(**json.loads(self.location.read_bytes(FRAGMENTS_DIR, f"{fragment}.json")))
+        return read_record(self.location, f"{FRAGMENTS_DIR}/{fragment}.json", CommitRecord)
+
+    def begin_writing(self, fragment: str, files: list[str]) -> None:
+        """The write journal: written before the first of `files`, so a run that dies midway
+        leaves a list of exactly what the next run may remove."""
+        self.location.write_bytes(json.dumps({"files": files}).encode(), WRITING_DIR, f"{fragment}.json")
 
     def commit(self, record: CommitRecord) -> None:
         self.location.write_bytes(json.dumps(asdict(record)).encode(), FRAGMENTS_DIR, f"{record.fragment}.json")
+        if self.location.exists(WRITING_DIR, f"{record.fragment}.json"):
+            self.location.remove(WRITING_DIR, f"{record.fragment}.json")
 
     def fail(self, record: FailureRecord) -> None:
         self.location.write_bytes(json.dumps(asdict(record)).encode(), FAILURES_DIR, f"{record.fragment}.json")
 
     def failures(self) -> list[FailureRecord]:
         names = sorted(n for n in self.location.list_names(FAILURES_DIR) if n.endswith(".json"))
-        return [FailureRecord(**json.loads(self.location.read_bytes(FAILURES_DIR, n))) for n in names]
+        return [read_record(self.location, f"{FAILURES_DIR}/{n}", FailureRecord) for n in names]
 
     def clear_failures(self) -> None:
         """A new run retries everything that failed before; its own failures are recorded anew."""
         for name in self.location.list_names(FAILURES_DIR):
-            self.location.remove(FAILURES_DIR, name)
+            if name.endswith(".json") or temp_target(name):
+                self.location.remove(FAILURES_DIR, name)
         self.clear_attempts()
 
     def note_attempt(self, fragment: str) -> None:
@@ -124,27 +151,42 @@ class Manifest:
     def attempts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for name in self.location.list_names(ATTEMPTS_DIR):
-            fragment = name.rsplit(".", 1)[0]
-            counts[fragment] = counts.get(fragment, 0) + 1
+            if match := _ATTEMPT.match(name):
+                counts[match["fragment"]] = counts.get(match["fragment"], 0) + 1
         return counts
 
     def clear_attempts(self) -> None:
         for name in self.location.list_names(ATTEMPTS_DIR):
-            self.location.remove(ATTEMPTS_DIR, name)
+            if _ATTEMPT.match(name) or temp_target(name):
+                self.location.remove(ATTEMPTS_DIR, name)
 
-    def remove_uncommitted(self, committed: set[str]) -> list[str]:
-        """Delete data and quarantine files that no commit record accounts for (a run stopped
-        between writing them and committing) and leftover temporary files, so that a reader of
-        data/ never sees a document twice. Returns what was removed."""
-        candidates = self.location.find("data") + self.location.find("quarantine") + self.location.find(HASHES_DIR)
-        candidates += [f"{FRAGMENTS_DIR}/{name}" for name in self.location.list_names(FRAGMENTS_DIR)]
-        removed = []
-        for path in candidates:
-            name = posixpath.basename(path)
-            orphan = name.endswith(".parquet") and name.removesuffix(".parquet") not in committed
-            if name.startswith(TEMP_PREFIX) or (orphan and not path.startswith(FRAGMENTS_DIR)):
-                self.location.remove(path)
-                removed.append(path)
+    def remove_unfinished(self) -> list[str]:
+        """Delete what a run that died midway left behind, so that a reader of data/ never sees a
+        document twice: the files a write journal names for a fragment without a commit record,
+        and (on a local disk) temporary files of those names and of the manifest's own files.
+        Nothing else: a file strata cannot prove it wrote is never touched. Returns what was removed."""
+        committed = self.committed()
+        removed: list[str] = []
+        folders: set[str] = set()
+        for name in self.location.list_names(WRITING_DIR):
+            fragment = name.removesuffix(".json")
+            if not name.endswith(".json") or temp_target(name):
+                continue
+            journal = f"{WRITING_DIR}/{name}"
+            files = read_json(self.location, journal, dict).get("files", [])
+            if fragment not in committed:
+                for path in files:
+                    if isinstance(path, str) and self.location.exists(path):
+                        self.location.remove(path)
+                        removed.append(path)
+                folders |= {posixpath.dirname(path) for path in files if isinstance(path, str)}
+            self.location.remove(journal)
+        if self.location.is_local:  # object storage has no temporary files: a PUT is whole or absent
+            for path in self.location.find("_manifest") + [f"{folder}/{name}" for folder in sorted(folders)
+                                                          for name in self.location.list_names(folder)]:
+                if temp_target(posixpath.basename(path)) and self.location.exists(path):
+                    self.location.remove(path)
+                    removed.append(path)
         return removed
 
     def remove_fragments(self, records: list[CommitRecord]) -> int:
@@ -152,7 +194,8 @@ class Manifest:
         which the next run removes), then data, quarantine and hash files. Returns files removed."""
         removed = 0
         for record in records:
-            self.location.remove(FRAGMENTS_DIR, f"{record.fragment}.json")
+            if self.location.exists(FRAGMENTS_DIR, f"{record.fragment}.json"):
+                self.location.remove(FRAGMENTS_DIR, f"{record.fragment}.json")
             paths = [*record.files, *([record.quarantine_file] if record.quarantine_file else []),
                      f"{HASHES_DIR}/{record.fragment}.parquet"]
             for path in paths:
@@ -166,11 +209,72 @@ class Manifest:
         return [self.record(fid) for fid in sorted(self.committed() if fragment_ids is None else fragment_ids)]
 
 
+def read_json(location: Location, path: str, kind: type) -> dict | list:
+    """A JSON file of the manifest, of the given top-level type; OutputError naming it otherwise."""
+    try:
+        data = json.loads(location.read_bytes(path))
+    except FileNotFoundError:
+        raise damaged(location, path, "it vanished while being read (another process removed it)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise damaged(location, path, f"it is not valid JSON ({one_line(exc)}; cut short?)") from None
+    if not isinstance(data, kind):
+        raise damaged(location, path, f"it holds a JSON {type(data).__name__}, not a{'n' if kind is dict else ''} "
+                                      f"{'object' if kind is dict else kind.__name__}")
+    return data
+
+
+def read_record(location: Location, path: str, kind: type):
+    """A commit or failure record, its fields checked against the dataclass's annotations."""
+    return record_from(read_json(location, path, dict), kind, lambda why: damaged(location, path, why))
+
+
+_TYPES = {"str": str, "int": int, "float": (int, float), "list[str]": list, "str | None": (str, type(None)),
+          "int | None": (int, type(None))}
+
+
+def record_from(data: dict, kind: type, error):
+    """`kind(**data)` for a dataclass whose fields are simple types; `error(why)` is raised for a
+    missing, unknown or mistyped field (a bool is not a number here)."""
+    if not isinstance(data, dict):
+        raise error(f"it holds a JSON {type(data).__name__}, not an object")
+    known = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise error(f"it has an unknown field {unknown[0]!r}")
+    for name, spec in known.items():
+        if name not in data:
+            if spec.default is MISSING and spec.default_factory is MISSING:
+                raise error(f"its field {name!r} is missing")
+            continue
+        value, wanted = data[name], _TYPES.get(str(spec.type), object)
+        if isinstance(value, bool) or not isinstance(value, wanted) or \
+                (spec.type == "list[str]" and not all(isinstance(item, str) for item in value)):
+            raise error(f"its field {name!r} is {json.dumps(value)[:40]}, not a {spec.type}")
+    return kind(**data)
+
+
+def damaged(location: Location, path: str, why: str) -> OutputError:
+    return OutputError(f"{location.uri(path)} is damaged: {why}; restore it from a copy, or write a new output.uri")
+
+
+def check_output_folder(location: Location) -> None:
+    """Refuse an output location that holds files but is not a strata output: strata writes
+    only into an empty (or missing) folder or into its own output, never among files it did not write."""
+    if location.exists(RUN_FILE) or location.exists(LEASE_FILE):
+        return
+    found = location.some_files(limit=4, ignore={WRITE_PROBE})
+    if found:
+        names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise OutputError(f"output.uri {location.uri()} is not empty and is not a strata output (it holds {names} "
+                          "and no _manifest/run.json); strata writes only into an empty folder or its own output: "
+                          "choose another output.uri")
+
+
 def check_writable(location: Location) -> None:
     """Fail early, with the path in the message, when the output cannot be created."""
     try:
         location.fs.makedirs(location.path(FRAGMENTS_DIR), exist_ok=True)
-        probe = location.path("_manifest", ".write-probe")
+        probe = location.path(WRITE_PROBE)
         location.fs.pipe_file(probe, b"ok")
         location.fs.rm(probe)
     except Exception as exc:  # noqa: BLE001 - a local permission error, an unreachable or denied bucket, ...

@@ -1,12 +1,15 @@
 """Output rows as Arrow/Parquet: the schema of DESIGN.md, partition paths, quarantine files.
 
 Vectors are fixed-size lists (nested for `combine: stack`), so readers get their shape from
-the schema. Partition values are percent-encoded in the path; `pyarrow.dataset` with Hive
-partitioning decodes them back to the same values as the `source` column in the files.
+the schema. Partition values are percent-encoded in the path, one folder per distinct value:
+Hive readers decode a folder name back to its value, except for the two values no folder name
+can carry (a value longer than PARTITION_VALUE_BYTES, cut and suffixed with a hash, and the
+literal null marker, escaped). The files hold every partition column with its exact values.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from urllib.parse import quote
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
@@ -22,6 +26,9 @@ if TYPE_CHECKING:
     from pipeline.tokenize import TokenWindows
 
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+# Encoded bytes of a partition value in its folder name: with the column name and a hash suffix
+# the folder stays far below the 255 bytes file systems allow for one name (ext4, XFS, APFS, NTFS).
+PARTITION_VALUE_BYTES = 120
 QUARANTINE_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("text", pa.string())]
 )
@@ -93,14 +100,48 @@ def partition_files(table: pa.Table, partition_by: str, fragment_id: str) -> lis
     name = f"{fragment_id}.parquet"
     if partition_by == "none":
         return [(f"data/{name}", table)]
-    values = table[partition_by].to_pylist()
+    folders = pa.array([partition_folder(partition_by, value) for value in table[partition_by].to_pylist()])
     files = []
-    for value in dict.fromkeys(values):
-        rows = table.filter(pa.array([v == value for v in values])) if len(set(values)) > 1 else table
-        encoded = NULL_PARTITION if value is None else quote(str(value), safe="")
-        files.append((f"data/{partition_by}={encoded}/{name}", rows))
+    for folder in pc.unique(folders).to_pylist():
+        rows = table.filter(pc.equal(folders, folder)) if len(folders) and pc.count_distinct(folders).as_py() > 1 \
+            else table
+        files.append((f"data/{folder}/{name}", rows))
+    paths = [path for path, _ in files]
+    if len(set(paths)) != len(paths) or sum(rows.num_rows for _, rows in files) != table.num_rows:
+        raise AssertionError(f"splitting a fragment by {partition_by!r} lost or doubled rows: {paths}")
     return files
 
 
+def partition_folder(column: str, value) -> str:
+    """`column=<percent-encoded value>`: injective, and bounded in length.
+
+    `~` is escaped too, so that it only ever appears as the marker of a cut value; a value whose
+    encoding is longer than PARTITION_VALUE_BYTES keeps its first bytes, then `~` and 16 hex digits
+    of its sha256. The literal null marker is escaped (`%5F_HIVE...`) so it never meets null's folder.
+    """
+    if value is None:
+        return f"{column}={NULL_PARTITION}"
+    text = value if isinstance(value, str) else str(value)
+    encoded = quote(text.encode("utf-8", "surrogatepass"), safe="").replace("~", "%7E")
+    if encoded == NULL_PARTITION:
+        encoded = "%5F" + encoded[1:]
+    if len(encoded) > PARTITION_VALUE_BYTES:
+        cut = PARTITION_VALUE_BYTES - 17
+        cut -= 2 if encoded[cut - 2] == "%" else 1 if encoded[cut - 1] == "%" else 0  # never inside a %XX
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        encoded = f"{encoded[:cut]}~{digest}"
+    return f"{column}={encoded}"
+
+
 def quarantine_table(records: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA)
+    """Quarantine rows; strings that Arrow cannot hold (lone surrogates: often why the document
+    is here) are stored with those characters escaped (`\\ud800`)."""
+    try:
+        return pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA)
+    except (UnicodeEncodeError, pa.ArrowException):
+        return pa.Table.from_pylist([{key: _escaped(value) for key, value in record.items()} for record in records],
+                                    schema=QUARANTINE_SCHEMA)
+
+
+def _escaped(value):
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value

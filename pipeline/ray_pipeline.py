@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
+import threading
 import warnings
 import functools
 from dataclasses import asdict, dataclass
@@ -27,12 +31,12 @@ import ray
 from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up on raises
 
 from pipeline.config import ComputeConfig
-from pipeline.errors import one_line
+from pipeline.errors import StrataError, Terminated, one_line, root_cause
 from pipeline.fragments import Fragment
 from pipeline.incremental import DiffTask, diff_shard
 from pipeline.manifest import CommitRecord, FailureRecord
 from pipeline.model import local_model_path
-from pipeline.stages import Embed, JobSpec, Tokenize, read_shard, write_fragment
+from pipeline.stages import Embed, JobSpec, Tokenize, cannot_start, read_shard, write_fragment
 
 # Logical CPUs reserved per step. Kept below one so that on a 2-core machine the replica, a
 # tokenizer and the I/O tasks are all scheduled at once instead of waiting on each other.
@@ -42,6 +46,10 @@ DIFF_TASK_CPUS = 0.5  # reads and hashes a whole shard
 # A dead actor (killed for memory, a native crash, a lost node) is restarted and its fragment
 # retried this many times; after that the run stops with the error and a rerun resumes.
 ACTOR_RETRIES = 2
+
+
+class StepCannotStart(StrataError):
+    """A tokenizer or model replica cannot be built on a worker: the run stops with the cause."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,27 @@ class Resources:
 
 
 def ensure_ray() -> None:
-    """Join the cluster this process is in (Ray Job, `ray start`), else start a local one."""
+    """Join the cluster this process is asked to join (`RAY_ADDRESS`, which a Ray Job's driver
+    has), else start a local Ray instance of its own. Never a cluster found by chance: a head
+    started with `ray start` and killed leaves its address behind, and joining that would fail
+    every run on the machine."""
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        _check_reachable(address)
+        on_sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with a bare sys.exit
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        except SystemExit as exc:  # a SIGTERM while ray.init had its own handler in place
+            if exc.code == signal.SIGTERM:
+                raise Terminated() from None
+            raise
+        except Exception as exc:  # noqa: BLE001 - a cluster that does not answer, a node that cannot start
+            where = "start a local Ray instance" if address == "local" else \
+                f"connect to the Ray cluster at {address} (from RAY_ADDRESS)"
+            raise StrataError(f"cannot {where}: {root_cause(exc)}") from None
+        finally:
+            if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+                signal.signal(signal.SIGTERM, on_sigterm)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -75,6 +101,19 @@ def ensure_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     # bounded actor restarts still go through map_batches' remote args (pyproject pins ray < 2.64)
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A `host:port` address must answer within seconds: ray.init waits for a dead one for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "local", "auto" (Ray finds the address itself), ray:// client URLs
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise StrataError(f"cannot connect to the Ray cluster at {address} (from RAY_ADDRESS): "
+                          f"{exc.strerror or one_line(exc)}; unset RAY_ADDRESS to run on a local Ray instance of "
+                          "strata's own") from None
 
 
 def cluster_resources() -> dict[str, float]:
@@ -137,14 +176,18 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for row in batch.to_pylist():
             kind = CommitRecord if row["kind"] == "commit" else FailureRecord
-            yield kind(**json.loads(row["record"]))
+            record = kind(**json.loads(row["record"]))
+            if row["kind"] == "fatal":
+                raise StepCannotStart(record.reason)
+            yield record
 
 
 def run_diffs(tasks: list[DiffTask], job: JobSpec) -> Iterator[dict]:
     """Diff each changed shard against the previous version, one task per shard (a task holds
     one shard's hash index); yields each shard's counts as it finishes."""
     diff = ray.remote(num_cpus=DIFF_TASK_CPUS, max_retries=ACTOR_RETRIES)(diff_shard)
-    source_of = {diff.remote(task, job.input, job.output_uri, job.storage): task.source for task in tasks}
+    source_of = {diff.remote(task, job.input, job.output_uri, job.storage, job.keep_schema): task.source
+                 for task in tasks}
     pending = list(source_of)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
@@ -165,23 +208,37 @@ def _table(payload: dict) -> pa.Table:
 def _read_step(batch: pa.Table, job: JobSpec) -> Iterator[pa.Table]:
     fragments = [Fragment.from_json(text) for text in json.loads(_one(batch)["fragments"])]
     shard = fragments[0].shard
-    for payload in read_shard(shard, fragments, job.input, job.storage, job.changes_uri(shard.source)):
+    for payload in read_shard(shard, fragments, job.input, job.storage, job.changes_uri(shard.source),
+                              job.keep_schema):
         yield _table(payload)
 
 
 def _actor_step(make_step, name: str):
     """An actor class that builds its step once (tokenizer, model replica) and applies it per fragment.
 
+    A step that cannot be built (weights that do not load, a corrupt tokenizer file, no GPU
+    memory) must not raise from the constructor: Ray would restart the actor again and again and
+    end the run with pages of its own traceback. The actor stays up instead and hands each
+    fragment back marked `fatal` with the cause, and the driver stops the run with that one line.
+
     (Ray Data logs "constructor arguments in the object store" for every actor pool; that is
     ray-project/ray#57733, not something these actors pass.)
     """
+    what = {"Tokenize": "the tokenizer", "Embed": "a model replica"}[name]
 
     class Step:
         def __init__(self):
-            self.step = make_step()
+            self.broken = ""
+            try:
+                self.step = make_step()
+            except Exception as exc:  # noqa: BLE001 - see above
+                self.broken = f"{root_cause(exc)} (on {socket.gethostname()})"
 
         def __call__(self, batch: pa.Table) -> pa.Table:
-            return _table(self.step(_one(batch)))
+            payload = _one(batch)
+            if self.broken and not payload["error"]:
+                return _table(cannot_start(payload, what, self.broken))
+            return _table(self.step(payload))
 
     Step.__name__ = Step.__qualname__ = name
     return Step
@@ -194,5 +251,5 @@ def _tokenizer_on_this_node(job: JobSpec) -> Tokenize:
 
 def _write_step(batch: pa.Table, job: JobSpec) -> pa.Table:
     record = write_fragment(_one(batch), job)
-    kind = "commit" if isinstance(record, CommitRecord) else "failure"
+    kind = "commit" if isinstance(record, CommitRecord) else "fatal" if _one(batch)["fatal"] else "failure"
     return pa.table({"kind": [kind], "record": [json.dumps(asdict(record))]})

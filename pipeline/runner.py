@@ -7,28 +7,31 @@ ever live inside the Ray stages.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import pyarrow as pa
 from rich.console import Console
 
 from pipeline import faults, versions
 from pipeline.changes import KINDS
 from pipeline.config import StrataConfig, fingerprint_of, identity_changes, redacted
-from pipeline.errors import InputError, StrataError, one_line
+from pipeline.errors import ConfigError, InputError, StrataError, root_cause
 from pipeline.fragments import Fragment, plan_fragments
 from pipeline.incremental import DiffTask, changes_name
 from pipeline.lease import Lease, OutputBusy
-from pipeline.manifest import CommitRecord, FailureRecord, Manifest, check_writable
-from pipeline.model import ModelInfo, resolve_model
+from pipeline.manifest import (FRAGMENTS_DIR, HASHES_DIR, CommitRecord, FailureRecord, Manifest, check_output_folder,
+                               check_writable)
+from pipeline.model import ModelInfo, check_model_folder, resolve_model
 from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, count_of, summary_table
-from pipeline.sources import Shard, count_rows, list_shards
+from pipeline.sources import Shard, count_rows, keep_schema, list_shards
 from pipeline.spec import EmbedSettings, ResolvedOutput, resolve_output
 from pipeline.stages import JobSpec
-from pipeline.storage import Location, open_fs
+from pipeline.storage import Location, open_fs, overlap
 from pipeline.tokenize import TextTokenizer
 
 COUNT_THREADS = 8
@@ -52,6 +55,7 @@ class Plan:
     carried: list[CommitRecord] = field(default_factory=list)  # the previous version's fragments of unchanged shards
     shards: dict[str, str] = field(default_factory=dict)  # source -> version of every shard the version holds
     changes: dict[str, int] | None = None  # added/changed/unchanged/deleted of the diffed shards (incremental)
+    keep_schema: pa.Schema | None = None  # the output's type of each kept field, fixed for the life of the output
 
     @property
     def total_rows(self) -> int:
@@ -71,19 +75,46 @@ def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]
     """Check the config against the model: layer indices, options the engine supports."""
     model = resolve_model(config.model, config.storage)
     outputs = tuple(resolve_output(spec, model.num_layers) for spec in config.outputs)
+    check_model_folder(model)  # the tokenizer loads: workers would otherwise fail one by one
     if config.long_text.window_stride is not None:
         TextTokenizer(model.path, model.max_length, config.long_text.window_stride)  # checks the stride fits a window
     return model, outputs
 
 
+def check_output(config: StrataConfig) -> Location:
+    """The output location, once it is clear that writing there can neither read its own output
+    as input nor touch files strata did not write."""
+    if overlap(config.input.uri, config.output.uri):
+        raise ConfigError(f"output.uri {config.output.uri!r} and input.uri {config.input.uri!r} overlap (one lies "
+                          "inside the other): strata would read its own output as input or write among the input's "
+                          "files; put the output somewhere else")
+    location = Location.from_uri(config.output.uri, config.storage)
+    check_output_folder(location)
+    return location
+
+
 def make_plan(config: StrataConfig, resolved: tuple[ModelInfo, tuple[ResolvedOutput, ...]] | None = None) -> Plan:
     """Every shard counted and cut into fragments: the plan of a first version."""
     model, outputs = resolved or resolve(config)
+    check_output(config)
     skipped: list[str] = []
     shards = list_shards(config.input, config.storage, skipped=skipped)
     plan = Plan(config, model, outputs, [], [], skipped)
+    plan.keep_schema = _keep_schema(plan, shards, None)
     _count_and_cut(plan, shards)
     return plan
+
+
+def _keep_schema(plan: Plan, shards: list[Shard], previous_run: dict | None) -> pa.Schema:
+    """The kept fields' types an earlier run of these settings chose, else those of the first shard."""
+    if previous_run and previous_run.get("fingerprint") == plan.fingerprint and previous_run.get("keep_schema"):
+        try:
+            return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(previous_run["keep_schema"])))
+        except (ValueError, pa.ArrowException):
+            raise InputError(f"{plan.config.output.uri}: _manifest/run.json holds a damaged keep_schema; restore the "
+                             "file or use a new output.uri") from None
+    fs, _ = open_fs(plan.config.input.uri, plan.config.storage)
+    return keep_schema(fs, shards, plan.config.input)
 
 
 def _count_and_cut(plan: Plan, shards: list[Shard]) -> None:
@@ -128,6 +159,9 @@ def run_record(plan: Plan) -> dict:
                              "per": _unit(o, plan.config)} for o in plan.outputs},
         "plan": {"version": plan.version, "kind": plan.kind, "fragments": len(plan.fragments) + len(plan.carried),
                  "carried_fragments": len(plan.carried), "rows": plan.total_rows, "shards": len(plan.shards)},
+        "keep_types": {f.name: str(f.type) for f in plan.keep_schema or []},
+        "keep_schema": base64.b64encode(plan.keep_schema.serialize().to_pybytes()).decode()
+        if plan.keep_schema is not None else None,
     }
 
 
@@ -144,7 +178,7 @@ def run(config: StrataConfig, console: Console | None = None, if_free: bool = Fa
     console = console or Console(stderr=True)
     started = time.monotonic()
     resolved = resolve(config)
-    location = Location.from_uri(config.output.uri, config.storage)
+    location = check_output(config)
     check_writable(location)  # before listing and counting a corpus that may be large
     lease = Lease(location)
     try:
@@ -170,6 +204,7 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     shards = list_shards(config.input, config.storage, skipped=skipped)
     plan = Plan(config, *resolved, [], [], skipped)
     previous_run = manifest.read_run()
+    plan.keep_schema = _keep_schema(plan, shards, previous_run)
     if config.run.mode == "once":
         manifest.check_settings(run_record(plan))
     elif previous_run and previous_run.get("fingerprint") != plan.fingerprint and \
@@ -212,7 +247,8 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     own = {r.fragment: r for r in manifest.records({f.id for f in plan.fragments} & committed) + this_run}
     records = plan.carried + list(own.values())
     summary = summarize(plan, records, this_run, failed, time.monotonic() - started)
-    if not failed and len(own) == len(plan.fragments):
+    lost = _lost_files(manifest, records) if not failed and len(own) == len(plan.fragments) else []
+    if not failed and len(own) == len(plan.fragments) and not lost:
         versions.publish(location, _snapshot(plan, records))
         summary["published"] = True
         _say(console, f"published version {plan.version} of {config.output.uri}")
@@ -221,9 +257,32 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
                       f"{len(plan.fragments)} fragments are committed; rerun to finish it")
     manifest.write_run({**run_info, "summary": summary})
     console.print(summary_table(summary))
+    if lost:
+        redo = [r for r in records if r.version == plan.version and set(_files_of(r)) & set(lost)]
+        manifest.remove_fragments(redo)
+        raise RunFailed(f"version {plan.version} is not published: {count_of(len(lost), 'file')} it lists "
+                        f"{'is' if len(lost) == 1 else 'are'} gone from the output ({', '.join(lost[:2])}"
+                        f"{', ...' if len(lost) > 2 else ''}), removed while the run was going; rerun the same command "
+                        f"to embed {'its fragment' if len(redo) == 1 else f'those {len(redo)} fragments'} again")
     _check_failures(failed, config.output.uri)
     _check_error_budget(summary, config.run.max_error_rate)
     return summary
+
+
+def _files_of(record: CommitRecord) -> list[str]:
+    """Every file of a committed fragment: its commit record, data, quarantine and hash index files."""
+    return [f"{FRAGMENTS_DIR}/{record.fragment}.json", *record.files, f"{HASHES_DIR}/{record.fragment}.parquet",
+            *([record.quarantine_file] if record.quarantine_file else [])]
+
+
+def _lost_files(manifest: Manifest, records: list[CommitRecord]) -> list[str]:
+    """The files of a version about to be published that are not in the output (a folder deleted
+    or changed by hand under the run): one listing per folder, not a request per file."""
+    location = manifest.location
+    present = set()
+    for folder in ("data", "quarantine", FRAGMENTS_DIR, HASHES_DIR):
+        present.update(location.find(folder))
+    return sorted(path for record in records for path in _files_of(record) if path not in present)
 
 
 def _compare_with(plan: Plan, current: versions.Snapshot | None, shards: list[Shard]) -> tuple[list[Shard], list[str]]:
@@ -282,10 +341,10 @@ def _clean_up(plan: Plan, manifest: Manifest, console: Console) -> set[str]:
     """Remove what an interrupted run left: files without a commit record, and committed fragments
     that neither this plan nor any published version lists (an abandoned unfinished version's, or
     a shard's that changed again before its version was published). Returns the committed ids."""
-    committed = manifest.committed()
-    removed = manifest.remove_uncommitted(committed)
+    removed = manifest.remove_unfinished()
     if removed:
-        _say(console, f"removed {len(removed)} files an interrupted run left without a commit record")
+        _say(console, f"removed {count_of(len(removed), 'file')} an interrupted run left without a commit record")
+    committed = manifest.committed()
     listed = {f.id for f in plan.fragments}
     for snapshot in versions.all_snapshots(manifest.location):
         listed |= {r.fragment for r in snapshot.fragments}
@@ -345,7 +404,8 @@ def _job(plan: Plan, cpu_threads: int | None = None) -> JobSpec:
                              {o.name: list(o.layers) for o in plan.outputs}, plan.fingerprint)
     return JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
                    stride=long_text.window_stride, storage=plan.config.storage, version=plan.version,
-                   changes_dir=versions.changes_dir(plan.version) if plan.changes is not None else None)
+                   changes_dir=versions.changes_dir(plan.version) if plan.changes is not None else None,
+                   keep_schema=plan.keep_schema)
 
 
 def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
@@ -379,6 +439,9 @@ def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
                         progress.update(record)
                         faults.maybe_kill("run", len(records))
                 remaining = []
+            except ray_pipeline.StepCannotStart as exc:
+                raise RunFailed(f"{exc}; nothing more can be embedded until that is fixed (committed fragments are "
+                                "kept: rerun once it is)") from None
             except ray_pipeline.RayError as exc:
                 remaining = _after_worker_deaths(manifest, remaining, records, failures, exc, console)
     manifest.clear_attempts()
@@ -391,7 +454,7 @@ def _after_worker_deaths(manifest: Manifest, remaining: list[Fragment], records:
     Ray retries is what kills it: record it as failed, then go on with the rest."""
     from pipeline.ray_pipeline import ACTOR_RETRIES
 
-    cause = one_line(exc)
+    cause = root_cause(exc)
     done = manifest.committed() | {f.fragment for f in failures}
     attempts = manifest.attempts()
     poisoned = [f for f in remaining if f.id not in done and attempts.get(f.id, 0) > ACTOR_RETRIES]

@@ -8,15 +8,21 @@ A row that cannot become a document goes to quarantine with a reason, never sile
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.errors import InputError, one_line
@@ -74,25 +80,45 @@ def list_shards(cfg: InputConfig, storage: StorageConfig | None = None,
     if infos is None:
         raise InputError(f"input.uri {cfg.uri!r} does not exist (no such file, folder or prefix)")
     shards = []
+    local = isinstance(fs, LocalFileSystem)
     for info in infos:
-        if info.get("type") == "directory":
-            continue
         name = info["name"]
+        kind = _local_kind(name) if local else info.get("type")
+        if kind == "directory":
+            continue
         rel = posixpath.relpath(name, base) if base not in ("", ".") else name
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue  # hidden files, _SUCCESS markers, ...
         fmt, compression = detect_format(name, cfg.format)
-        if fmt is None:
+        if fmt is None or kind == "other":
             if skipped is not None:
-                skipped.append(rel)
+                skipped.append(printable(rel) + (" (not a regular file)" if fmt and kind == "other" else ""))
             continue
-        shards.append(Shard(name, rel, fmt, compression, int(info.get("size") or 0), file_version(info)))
+        shards.append(Shard(name, printable(rel), fmt, compression, int(info.get("size") or 0), file_version(info)))
     if not shards:
         raise InputError(
             f"input.uri {cfg.uri!r} holds no corpus files (.jsonl[.gz|.zst], .parquet, .txt); "
             "check the path or set input.format"
         )
     return sorted(shards, key=lambda s: s.source)
+
+
+def _local_kind(path: str) -> str:
+    """file | directory | other (a FIFO, socket or device, which would block or never end: not
+    a shard) | missing (a broken symlink: a shard that fails with its reason), after symlinks."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError:  # a symlink loop, a permission problem: reading it says why
+        return "missing"
+    return "file" if stat.S_ISREG(mode) else "directory" if stat.S_ISDIR(mode) else "other"
+
+
+def printable(name: str) -> str:
+    """A file name as text that every writer accepts: bytes that are not UTF-8 (which Python
+    keeps as lone surrogates) become `\\xff` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def file_version(info: dict) -> str:
@@ -124,6 +150,22 @@ def _glob_base(pattern: str) -> str:
     return posixpath.dirname(pattern)
 
 
+@contextlib.contextmanager
+def open_shard(fs: fsspec.AbstractFileSystem, shard: Shard) -> Iterator[io.BufferedIOBase]:
+    """A shard's bytes, decompressed: `read` and iteration by line work for every compression
+    (zstd streams are read across frames, as `zstd -d` does, and buffered so lines can be iterated)."""
+    if shard.compression != "zstd":
+        with fs.open(shard.path, "rb", compression=shard.compression) as f:
+            yield f
+        return
+    import zstandard
+
+    with fs.open(shard.path, "rb") as raw:
+        with io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True),
+                               buffer_size=1 << 20) as f:
+            yield f
+
+
 def count_rows(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
     """Rows in a shard: lines for JSONL/text (a last line without newline counts), rows for Parquet."""
     try:
@@ -131,7 +173,7 @@ def count_rows(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
             with fs.open(shard.path, "rb") as f:
                 return pq.ParquetFile(f).metadata.num_rows
         lines, last = 0, b"\n"
-        with fs.open(shard.path, "rb", compression=shard.compression) as f:
+        with open_shard(fs, shard) as f:
             while chunk := f.read(1 << 22):
                 lines += chunk.count(b"\n")
                 last = chunk[-1:]
@@ -140,16 +182,45 @@ def count_rows(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
         raise InputError(f"cannot read shard {shard.source}: {exc}") from None
 
 
+def keep_schema(fs: fsspec.AbstractFileSystem, shards: list[Shard], cfg: InputConfig) -> pa.Schema:
+    """The type of every kept field in the output: its type in the first shard (by source),
+    so that every data file of an output shares one schema whatever the other shards hold.
+
+    Parquet gives its column's type (dictionaries as their values, large types as plain ones, a
+    column of nulls or a field the shard lacks as string); JSONL and text give strings (numbers,
+    lists and objects as JSON text). A first shard whose footer cannot be read passes the choice on.
+    """
+    for shard in shards[:16]:
+        if shard.format != "parquet":
+            break
+        try:
+            with fs.open(shard.path, "rb") as f:
+                schema = pq.read_schema(f)
+        except Exception:  # noqa: BLE001 - an unreadable shard fails later, with its reason
+            continue
+        return pa.schema([(name, _storable(schema.field(name).type) if name in schema.names else pa.string())
+                          for name in cfg.keep_fields])
+    return pa.schema([(name, pa.string()) for name in cfg.keep_fields])
+
+
+def _storable(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(kind):
+        return _storable(kind.value_type)
+    if pa.types.is_null(kind):
+        return pa.string()
+    return {pa.large_string(): pa.string(), pa.large_binary(): pa.binary()}.get(kind, kind)
+
+
 def read_ranges(
-    fs: fsspec.AbstractFileSystem, shard: Shard, ranges: list[tuple[int, int]], cfg: InputConfig
+    fs: fsspec.AbstractFileSystem, shard: Shard, ranges: list[tuple[int, int]], cfg: InputConfig,
+    kept: pa.Schema | None = None,
 ) -> Iterator[FragmentRows]:
-    """Yield one FragmentRows per (start, end) row range, in order, reading the shard once."""
+    """Yield one FragmentRows per (start, end) row range, in order, reading the shard once.
+    Kept fields take the types of `kept` (see `keep_schema`; strings when None)."""
     ranges = sorted(ranges)
-    kept_types: dict[str, pa.DataType] = {}
+    kept_types = {name: pa.string() for name in cfg.keep_fields}
+    kept_types.update({f.name: f.type for f in kept or []})
     if shard.format == "parquet":
-        with fs.open(shard.path, "rb") as f:
-            schema = pq.read_schema(f)
-        kept_types = {n: schema.field(n).type for n in cfg.keep_fields if n in schema.names}
         records = _parquet_records(fs, shard, cfg, ranges[-1][1])
     else:
         records = _line_records(fs, shard)
@@ -193,7 +264,7 @@ def texts_at(cfg: InputConfig, wanted: list[tuple[str, int, str]], storage: Stor
 
 def _line_records(fs, shard: Shard) -> Iterator[tuple[int, bytes]]:
     """(row, raw line); lines are parsed only once they fall inside a wanted range."""
-    with fs.open(shard.path, "rb", compression=shard.compression) as f:
+    with open_shard(fs, shard) as f:
         yield from enumerate(f)
 
 
@@ -234,11 +305,41 @@ def _parquet_records(fs, shard: Shard, cfg: InputConfig, stop: int) -> Iterator[
         wanted = [c for c in dict.fromkeys([cfg.id_field, cfg.text_field, *cfg.keep_fields]) if c in names]
         row = 0
         for batch in pf.iter_batches(columns=wanted, batch_size=4096):
-            for record in batch.to_pylist():
+            for record in _batch_records(batch):
                 yield row, record
                 row += 1
             if row >= stop:
                 return
+
+
+def _batch_records(batch: pa.RecordBatch) -> list[object]:
+    """A Parquet batch as record dicts; a row holding a string that is not valid UTF-8 (Parquet
+    writers do not all check) becomes the reason it cannot be a document."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    records: list[object] = [{} for _ in range(batch.num_rows)]
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            values = column.to_pylist()
+        except UnicodeDecodeError:
+            values = [_utf8_or_reason(name, column.slice(i, 1)) for i in range(len(column))]
+        for i, value in enumerate(values):
+            if isinstance(records[i], dict):
+                records[i] = value if isinstance(value, _Invalid) else {**records[i], name: value}
+    return [str(r) if isinstance(r, _Invalid) else r for r in records]
+
+
+class _Invalid(str):
+    """Why a value cannot be read (in place of the value)."""
+
+
+def _utf8_or_reason(name: str, one: pa.Array) -> object:
+    try:
+        return one.to_pylist()[0]
+    except UnicodeDecodeError as exc:
+        return _Invalid(f"{name!r} is not valid UTF-8 (byte {exc.start} of a string)")
 
 
 class _Builder:
@@ -286,6 +387,14 @@ class _Builder:
         )
 
     def finish(self) -> FragmentRows:
+        try:
+            self.out.docs = self._table()
+        except (UnicodeEncodeError, pa.ArrowException, TypeError, ValueError, OverflowError):
+            self._quarantine_unstorable()  # find the rows at fault; the happy path never loops over rows
+            self.out.docs = self._table()
+        return self.out
+
+    def _table(self) -> pa.Table:
         columns = {
             "id": pa.array(self.ids, pa.string()),
             "source": pa.array([self.shard.source] * len(self.ids), pa.string()),
@@ -293,10 +402,43 @@ class _Builder:
             "text": pa.array(self.texts, pa.string()),
         }
         for name, values in self.kept.items():
-            kept_type = self.kept_types.get(name)
-            columns[name] = _kept_array(values) if kept_type is None else pa.array(values, kept_type)
-        self.out.docs = pa.table(columns)
-        return self.out
+            columns[name] = kept_array(values, self.kept_types[name])
+        return pa.table(columns)
+
+    def _quarantine_unstorable(self) -> None:
+        """Quarantine each document holding a value Arrow cannot store: a string with a lone
+        surrogate (JSON's `\\ud800` escape), or a kept value of another type than the output's."""
+        keep = []
+        for i, (doc_id, row, text) in enumerate(zip(self.ids, self.rows, self.texts)):
+            problem = _unicode_problem("id", doc_id) or _unicode_problem(self.cfg.text_field, text) or next(
+                (p for name, values in self.kept.items() if (p := _kept_problem(name, values[i], self.kept_types[name]))),
+                None)
+            if problem:
+                self._quarantine(doc_id, row, problem, text)
+            else:
+                keep.append(i)
+        self.ids, self.rows, self.texts = ([values[i] for i in keep] for values in (self.ids, self.rows, self.texts))
+        self.kept = {name: [values[i] for i in keep] for name, values in self.kept.items()}
+
+
+def _unicode_problem(name: str, text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{name!r} holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character {exc.start}), not valid Unicode"
+    return None
+
+
+def _kept_problem(name: str, value: object, kind: pa.DataType) -> str | None:
+    try:
+        kept_array([value], kind)
+    except UnicodeEncodeError as exc:
+        return f"kept field {name!r} holds a lone surrogate at character {exc.start}, not valid Unicode"
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        shown = json.dumps(value, default=str, ensure_ascii=True)
+        return (f"kept field {name!r} is {shown[:60]}{'...' if len(shown) > 60 else ''}, which is not a {kind} "
+                "(the output's type of that field, from the first shard; see keep_types in _manifest/run.json)")
+    return None
 
 
 def has_visible_text(text: str) -> bool:
@@ -318,9 +460,24 @@ def _text_problem(text: object, field_name: str, present: bool) -> str | None:
     return None
 
 
-def _kept_array(values: list) -> pa.Array:
-    """A kept field from JSONL/text as strings (numbers, lists and objects as JSON text).
+def kept_array(values: list, kind: pa.DataType) -> pa.Array:
+    """A kept field's values as the output's type of that field (see `keep_schema`).
 
-    One type whatever a fragment happens to hold, so every data file shares one schema.
+    Into a string field go strings as they are and anything else as JSON text (numbers, lists,
+    objects), so JSONL's mixed values still fit one schema; into another type values convert as
+    Arrow converts them (`"3"` into an integer field is 3). Raises what Arrow raises for a value
+    that does not fit.
     """
-    return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+    if pa.types.is_string(kind):
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+    try:
+        return pa.array(values, kind)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):  # values of mixed types: one by one
+        return pa.concat_arrays([_converted(value, kind) for value in values]) if values else pa.array([], kind)
+
+
+def _converted(value: object, kind: pa.DataType) -> pa.Array:
+    try:
+        return pa.array([value], kind)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return pc.cast(pa.array([value]), kind)

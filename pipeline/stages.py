@@ -52,6 +52,7 @@ class JobSpec:
     storage: StorageConfig = field(default_factory=StorageConfig)
     version: int = 1  # the output version being made
     changes_dir: str | None = None  # where the changed shards' diffs are (incremental versions only)
+    keep_schema: pa.Schema | None = None  # the output's type of each kept field (sources.keep_schema)
 
     def changes_uri(self, source: str) -> str | None:
         if self.changes_dir is None:
@@ -60,7 +61,7 @@ class JobSpec:
 
 
 def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig, storage: StorageConfig | None = None,
-               changes_uri: str | None = None) -> Iterator[dict]:
+               changes_uri: str | None = None, kept: pa.Schema | None = None) -> Iterator[dict]:
     """One payload per fragment of this shard, reading the shard once. If the shard breaks off
     (a truncated gzip, a vanished file), the fragments not yet read carry the error instead.
     With the shard's changes, only its added and changed documents go on to be embedded."""
@@ -69,7 +70,7 @@ def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig, storag
     started, done = time.time(), 0
     try:
         changes = read_changes(changes_uri, storage) if changes_uri else None
-        for fragment, rows in zip(fragments, read_ranges(fs, shard, [(f.start, f.end) for f in fragments], cfg)):
+        for fragment, rows in zip(fragments, read_ranges(fs, shard, [(f.start, f.end) for f in fragments], cfg, kept)):
             hashes = content_hashes(rows.docs, cfg.keep_fields)
             docs, carry = rows.docs, b""
             if changes is not None:
@@ -88,7 +89,15 @@ def _payload(fragment: Fragment, started: float, **fields) -> dict:
     """Every payload has the same keys from the first step on, so Ray Data sees one schema."""
     empty = table_to_bytes(quarantine_table([]))
     return {"fragment": fragment.to_json(), "started": started, "docs": b"", "quarantine": empty, "windows": b"",
-            "carry": b"", "index": b"", "blank": 0, "embedded": 0, "padded_tokens": 0, "error": "", **fields}
+            "carry": b"", "index": b"", "blank": 0, "embedded": 0, "padded_tokens": 0, "error": "", "fatal": False,
+            **fields}
+
+
+def cannot_start(payload: dict, step: str, cause: str) -> dict:
+    """The payload of a fragment that met a step whose worker could not start (a model that does
+    not load, a tokenizer file that does not parse): not the fragment's fault, and no other
+    fragment will fare better, so the run stops with this one line instead of failing them all."""
+    return {**payload, "docs": b"", "windows": b"", "fatal": True, "error": f"{step} cannot start: {cause}"}
 
 
 def _describe(exc: BaseException) -> str:
@@ -111,6 +120,10 @@ def _guarded(step):
     return run
 
 
+EMPTY_REASON = ("the tokenizer keeps nothing of the text (only characters it strips: zero-width, bidi or control "
+                "characters, soft hyphens, ...)")
+
+
 class Tokenize:
     """Replaces the text column by n_tokens and truncated, and adds the fragment's windows."""
 
@@ -128,6 +141,11 @@ class Tokenize:
             bad = self._rejected(texts)
             docs = docs.filter(pa.array([i not in bad for i in range(len(texts))]))
             windows = self.tokenizer.encode(docs["text"].to_pylist())
+        empty = self.tokenizer.empty(windows)
+        if empty.any():  # every such document would get the same vector, matching every search alike
+            kept = np.flatnonzero(~np.isin(np.arange(read.num_rows), list(bad)))
+            bad.update({int(kept[i]): EMPTY_REASON for i in np.flatnonzero(empty)})
+            docs, windows = docs.filter(pa.array(~empty)), windows.select(~empty)
         quarantine = _append_quarantine(payload["quarantine"], read, bad, texts)
         docs = docs.drop_columns(["text"])
         docs = docs.append_column("n_tokens", pa.array(windows.n_tokens, pa.int32()))
@@ -209,42 +227,58 @@ def _append_quarantine(quarantine: bytes, docs: pa.Table, reasons: dict[int, str
 
 def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
     """Write the data files, then the quarantine file and the hash index, then the commit record
-    (last); or, for a fragment that failed on the way, its failure record."""
+    (last); or, for a fragment that failed on the way, its failure record. Whatever goes wrong
+    while writing (a full disk, a read-only or vanished output, a denied bucket) is that
+    fragment's failure, with its cause."""
     fragment = Fragment.from_json(payload["fragment"])
+    if payload["fatal"]:  # the run stops; the fragment itself did nothing wrong and is not recorded
+        return FailureRecord(fragment.id, fragment.shard.source, payload["error"], fragment.rows)
     location = Location.from_uri(job.output_uri, job.storage)
-    rows = table_from_bytes(payload["docs"]) if not payload["error"] else None
-    carried = rows.schema.empty_table() if rows is not None else None
-    if payload["carry"] and rows is not None:
+    if not payload["error"]:
+        try:
+            return _write(fragment, payload, job, location)
+        except Exception as exc:  # noqa: BLE001 - recorded as the fragment's failure; the run goes on
+            payload = {**payload, "error": f"writing it: {_describe(exc)}"}
+    failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"], fragment.rows)
+    try:
+        Manifest(location).fail(failure)
+    except Exception:  # noqa: BLE001 - the output itself is failing: the driver reports it
+        pass
+    return failure
+
+
+def _write(fragment: Fragment, payload: dict, job: JobSpec, location: Location) -> CommitRecord:
+    rows = table_from_bytes(payload["docs"])
+    carried = rows.schema.empty_table()
+    if payload["carry"]:
         try:
             carried = carried_rows(location, table_from_bytes(payload["carry"]), rows.schema)
         except Exception as exc:  # noqa: BLE001 - the fragment fails; a rerun tries again
-            payload = {**payload, "error": f"copying unchanged documents: {_describe(exc)}"}
-    if payload["error"]:
-        failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"], fragment.rows)
-        Manifest(location).fail(failure)
-        return failure
+            raise StrataError(f"copying unchanged documents: {_describe(exc)}") from None
     if carried.num_rows:
         order = [("row", "ascending")] + ([("window", "ascending")] if "window" in rows.column_names else [])
         rows = pa.concat_tables([rows, carried]).sort_by(order)
-    files = []
-    for path, part in partition_files(rows, job.partition_by, fragment.id):
-        location.write_bytes(parquet_bytes(part, job.file_metadata), path)
-        files.append(path)
+    parts = partition_files(rows, job.partition_by, fragment.id)
     quarantine = table_from_bytes(payload["quarantine"])
-    quarantine_file = None
-    if quarantine.num_rows:
-        quarantine_file = f"quarantine/{fragment.id}.parquet"
+    quarantine_file = f"quarantine/{fragment.id}.parquet" if quarantine.num_rows else None
+    index_file = f"{HASHES_DIR}/{fragment.id}.parquet"
+    manifest = Manifest(location)
+    manifest.begin_writing(fragment.id, [path for path, _ in parts] + [index_file] +
+                           ([quarantine_file] if quarantine_file else []))
+    for path, part in parts:
+        location.write_bytes(parquet_bytes(part, job.file_metadata), path)
+    if quarantine_file:
         location.write_bytes(parquet_bytes(quarantine), quarantine_file)
     index = table_from_bytes(payload["index"])
     index = index.filter(pc.is_in(index["row"], rows["row"]))  # documents that made it into the data
-    location.write_bytes(parquet_bytes(index), HASHES_DIR, f"{fragment.id}.parquet")
+    location.write_bytes(parquet_bytes(index), index_file)
     carried_docs = pc.count_distinct(carried["row"]).as_py() if carried.num_rows else 0
     record = CommitRecord(
         fragment=fragment.id,
         source=fragment.shard.source,
         start=fragment.start,
         end=fragment.end,
-        files=files,
+        files=[path for path, _ in parts],
         rows=fragment.rows,
         docs=int(payload["embedded"]) + carried_docs,
         quarantined=quarantine.num_rows,
@@ -257,5 +291,5 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
         carried=carried_docs,
         carried_tokens=int(pc.sum(carried["n_tokens"]).as_py() or 0) if carried.num_rows else 0,
     )
-    Manifest(location).commit(record)
+    manifest.commit(record)
     return record

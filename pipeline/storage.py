@@ -6,7 +6,10 @@ it, so object storage drops in without touching the rest of the pipeline.
 
 from __future__ import annotations
 
+import functools
+import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -14,8 +17,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import StorageConfig
+from pipeline.errors import StrataError, one_line
 
 TEMP_PREFIX = "."  # a write in progress; hidden from dataset readers, removed on resume
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-[0-9a-f]{8}$")
 
 
 S3_PROTOCOLS = ("s3", "s3a")
@@ -45,6 +50,31 @@ def open_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.Abst
     return fsspec.core.url_to_fs(uri, **storage_options(uri, storage))
 
 
+class StorageError(StrataError):
+    """Storage refused or could not be reached: the cause, and the file or folder it concerns."""
+
+
+def _io(action: str):
+    """Turn what storage raises (a full or read-only disk, no credentials, an endpoint that does not
+    answer) into one StorageError line naming the path; a missing file stays FileNotFoundError."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except (FileNotFoundError, StrataError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - see above
+                parts = [a for a in args if isinstance(a, str)]
+                cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
+                raise StorageError(f"cannot {action} {self.uri(*parts)}: {cause}") from None
+
+        return run
+
+    return wrap
+
+
 @dataclass(frozen=True)
 class Location:
     fs: fsspec.AbstractFileSystem
@@ -65,13 +95,16 @@ class Location:
     def uri(self, *parts: str) -> str:
         return self.fs.unstrip_protocol(self.path(*parts)) if not self.is_local else self.path(*parts)
 
+    @_io("reach")
     def exists(self, *parts: str) -> bool:
         self.fs.invalidate_cache(self.path(*parts))  # other processes write here too: never trust a cached listing
         return self.fs.exists(self.path(*parts))
 
+    @_io("read")
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))
 
+    @_io("write")
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole object so that readers never see it half-written.
 
@@ -84,10 +117,11 @@ class Location:
             return
         folder, name = posixpath.split(target)
         self.fs.makedirs(folder, exist_ok=True)
-        temp = posixpath.join(folder, f"{TEMP_PREFIX}{name}.tmp-{uuid.uuid4().hex[:8]}")
+        temp = posixpath.join(folder, temp_name(name))
         self.fs.pipe_file(temp, data)
         self.fs.mv(temp, target)
 
+    @_io("list")
     def list_names(self, *parts: str) -> list[str]:
         """Base names of the files directly under a folder; empty if the folder does not exist."""
         folder = self.path(*parts)
@@ -98,6 +132,7 @@ class Location:
             return []
         return [posixpath.basename(e.rstrip("/")) for e in entries]
 
+    @_io("list")
     def find(self, *parts: str) -> list[str]:
         """Paths (relative to the root) of every file below a folder; empty if there is none."""
         self.fs.invalidate_cache(self.path(*parts))
@@ -107,5 +142,60 @@ class Location:
             return []
         return [posixpath.relpath(path, self.root) for path in found]
 
+    @_io("remove")
     def remove(self, *parts: str) -> None:
         self.fs.rm(self.path(*parts))
+
+    @_io("list")
+    def some_files(self, limit: int, ignore: set[str] = frozenset(), max_folders: int = 64) -> list[str]:
+        """Up to `limit` files (relative paths) below the root, breadth first, looking into at most
+        `max_folders` folders: enough to tell an empty folder (or one of empty folders) from one
+        that holds something, without listing a large tree."""
+        found, queue, seen = [], [self.root], 0
+        while queue and len(found) < limit and seen < max_folders:
+            folder, seen = queue.pop(0), seen + 1
+            self.fs.invalidate_cache(folder)
+            try:
+                entries = self.fs.ls(folder, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in sorted(entries, key=lambda e: e["name"]):
+                path = entry["name"].rstrip("/")
+                if entry.get("type") == "directory":
+                    queue.append(path)
+                elif (rel := posixpath.relpath(path, self.root)) not in ignore:
+                    found.append(rel)
+        return found[:limit] if found or not queue else [f"{posixpath.relpath(queue[0], self.root)}/..."]
+
+
+def temp_name(name: str) -> str:
+    """The hidden name a local write of `name` goes to before its rename: `.name.tmp-1a2b3c4d`."""
+    return f"{TEMP_PREFIX}{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def temp_target(name: str) -> str | None:
+    """The file a temporary name of `temp_name` was going to become; None for any other name."""
+    match = _TEMP_NAME.match(name)
+    return match.group("target") if match else None
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether one URI is the other or lies inside it (same filesystem; local paths resolved
+    through symlinks, globs by the folder before their first wildcard)."""
+    (proto_a, path_a), (proto_b, path_b) = (_comparable(uri) for uri in (a, b))
+    if proto_a != proto_b:
+        return False
+    return path_a == path_b or path_a.startswith(path_b + "/") or path_b.startswith(path_a + "/")
+
+
+def _comparable(uri: str) -> tuple[str, str]:
+    protocol, path = fsspec.core.split_protocol(uri)
+    protocol = {"s3a": "s3", "file": None, "local": None}.get(protocol, protocol)
+    parts = path.split("/")
+    for i, part in enumerate(parts):  # a glob: the folder before its first wildcard
+        if fsspec.core.has_magic(part):
+            path = "/".join(parts[:i]) or "/"
+            break
+    if protocol is None:
+        return "", os.path.realpath(os.path.expanduser(path))
+    return protocol, path.strip("/")

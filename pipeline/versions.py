@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import OutputError
-from pipeline.manifest import CommitRecord
+from pipeline.errors import OutputError, one_line
+from pipeline.manifest import CommitRecord, damaged, read_json, record_from
 from pipeline.storage import Location
 
 VERSIONS_DIR = "_manifest/versions"
@@ -85,7 +85,19 @@ def read_snapshot(location: Location, version: int | None = None) -> Snapshot | 
         version = published[-1]
     elif not location.exists(snapshot_path(version)):
         return None
-    return Snapshot.from_json(location.read_bytes(snapshot_path(version)))
+    path = snapshot_path(version)
+    raw = read_json(location, path, dict)
+    try:
+        fragments = [record_from(record, CommitRecord, ValueError) for record in raw.pop("fragments")]
+        raw.pop("files", None)
+        raw.pop("quarantine_files", None)
+        snapshot = Snapshot(fragments=fragments, **raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise damaged(location, path, f"it is not a version snapshot ({one_line(exc)})") from None
+    for name, kind in (("version", int), ("fingerprint", str), ("kind", str), ("counts", dict), ("shards", dict)):
+        if not isinstance(getattr(snapshot, name), kind):
+            raise damaged(location, path, f"its {name!r} is not a{'n' if kind is int else ''} {kind.__name__}")
+    return snapshot
 
 
 def all_snapshots(location: Location) -> list[Snapshot]:

@@ -1,13 +1,20 @@
 """The command line as a user meets it: exit codes, one-line errors, no tracebacks."""
 
+import gzip
 import json
+import os
+import pickle
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, write_config
+from conftest import CORPUS, cli, write_config
 
 
 def strata(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -89,3 +96,113 @@ def test_run_then_status(tmp_path):
     assert report["running"] is None  # the run gave its lease back
     table = strata("status", str(tmp_path / "out"))
     assert "fragments_committed" in table.stdout and "150" in table.stdout
+
+
+# --- every path through main ends in its own exit code and at most one line ---
+
+def _wait_for_commits(out: Path, count: int, then) -> threading.Thread:
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if len(list((out / "_manifest" / "fragments").glob("*.json"))) >= count:
+                return then()
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_a_stopped_run_exits_with_its_signals_code_and_gives_the_output_back(ray_cluster, capsys, tmp_path, signum,
+                                                                              code, said):
+    path = write_config(tmp_path / "c.yaml", **base(tmp_path, input={"uri": str(CORPUS / "part-0.jsonl")},
+                                                    model={"max_length": 32}, batching={"fragment_docs": 5}))
+    watcher = _wait_for_commits(tmp_path / "out", 1, lambda: os.kill(os.getpid(), signum))
+    try:
+        returned, _, stderr = cli(capsys, "run", str(path))
+    finally:
+        watcher.join()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main installed its handler in this process
+    assert returned == code, stderr
+    assert stderr.strip().splitlines()[-1].startswith(said) and "Traceback" not in stderr
+    assert not (tmp_path / "out" / "_manifest" / "lease.json").exists()
+    resumed, _, stderr = cli(capsys, "run", str(path))
+    assert resumed == 0, stderr
+
+
+def test_validate_reports_an_unreadable_shard_and_a_model_that_cannot_load(capsys, tmp_path, model_info):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "ok.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
+    (corpus / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
+    path = write_config(tmp_path / "c.yaml", **base(tmp_path, input={"uri": str(corpus)}))
+    code, _, stderr = cli(capsys, "validate", str(path))
+    assert code == 1 and stderr.count("\n") == 1 and "error: 1 shard cannot be read (cut.jsonl.gz: " in stderr
+
+    model = tmp_path / "model"
+    shutil.copytree(model_info.path, model)
+    torch_bin = model / "pytorch_model.bin"
+    (model / "model.safetensors").unlink()
+    torch_bin.write_bytes(pickle.dumps({"not": "torch"}))
+    path = write_config(tmp_path / "c.yaml", **base(tmp_path, input={"uri": str(corpus / "ok.jsonl")},
+                                                    model={"name_or_path": str(model)}))
+    code, _, stderr = cli(capsys, "validate", str(path))
+    assert code == 1 and stderr.count("\n") == 1 and stderr.startswith(
+        f"error: cannot load the weights of {model}: pytorch_model.bin"), stderr
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: (m / "run.json").write_text('{"fingerprint": "ab", "iden'),
+    lambda m: (m / "run.json").write_text("[1, 2]"),
+    lambda m: (m / "fragments" / "f.json").write_text('{"fragment": "f", "source": 1}'),
+    lambda m: (m / "versions" / "00000001.json").write_text('{"version": "one"}'),
+])
+def test_status_and_gc_of_a_damaged_manifest_say_which_file_in_one_line(capsys, tmp_path, damage):
+    manifest = tmp_path / "out" / "_manifest"
+    for folder in ("fragments", "versions"):
+        (manifest / folder).mkdir(parents=True)
+    (manifest / "run.json").write_text(json.dumps({"fingerprint": "ab", "identity": {}, "model": {"name": "m"},
+                                                   "plan": {"fragments": 1, "rows": 2}}))
+    damage(manifest)
+    code, _, stderr = cli(capsys, "status", str(tmp_path / "out"))
+    assert code == 1 and stderr.count("\n") == 1 and " is damaged: " in stderr and str(manifest) in stderr, stderr
+    code, _, stderr = cli(capsys, "gc", str(tmp_path / "out"), "--keep", "1")  # reads the snapshots only
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+
+
+def test_status_of_object_storage_without_credentials_is_one_line(capsys, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    code, _, stderr = cli(capsys, "status", "s3://nobucket/x")
+    assert code == 1 and stderr.count("\n") == 1
+    assert stderr.startswith("error: cannot reach s3://nobucket/x/_manifest/run.json: NoCredentialsError")
+
+
+def test_a_dead_local_cluster_left_behind_does_not_stop_runs(tmp_path):
+    """`ray start --head` killed: its address file stays. strata starts its own Ray, as asked."""
+    address_file = Path("/tmp/ray/ray_current_cluster")
+    saved = address_file.read_bytes() if address_file.exists() else None
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text("127.0.0.1:1\n")  # nobody listens there
+    try:
+        path = write_config(tmp_path / "c.yaml", **base(tmp_path, input={"uri": str(CORPUS / "part-0.jsonl")},
+                                                        model={"max_length": 16}))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], capture_output=True,
+                                text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        env["RAY_ADDRESS"] = "127.0.0.1:1"  # asked to join a cluster that is not there: one line, at once
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), "--set",
+                                 f"output.uri={tmp_path / 'out2'}"], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            "error: cannot connect to the Ray cluster at 127.0.0.1:1 (from RAY_ADDRESS)"), result.stderr
+    finally:
+        if saved is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_bytes(saved)

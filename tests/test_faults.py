@@ -147,3 +147,62 @@ def test_documents_the_tokenizer_rejects_are_quarantined_and_the_rest_tokenized(
     [rejected] = table_from_bytes(out["quarantine"]).to_pylist()
     assert rejected["id"] == "1" and rejected["reason"] == "the tokenizer failed: ValueError: cannot tokenize this"
     assert rejected["text"] == "POISON for the tokenizer"
+
+
+# --- the write step is guarded: a failing disk costs fragments, never the run's report ---
+
+def test_a_write_that_fails_is_the_fragments_failure_with_its_cause(model_info, tmp_path):
+    from pipeline.stages import JobSpec, write_fragment
+    from pipeline.spec import EmbedSettings
+
+    source = tmp_path / "s.jsonl"
+    source.write_text("\n".join((CORPUS / "part-0.jsonl").read_text().splitlines()[:4]) + "\n")
+    cfg = InputConfig(uri=str(source))
+    shard = list_shards(cfg)[0]
+    [fragment] = plan_fragments([(shard, 4)], 10)
+    payload = Tokenize(model_info.path, 32, None, False)(next(read_shard(shard, [fragment], cfg)))
+    payload = Embed(settings(model_info), [])(payload)
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "source=s.jsonl").write_text("a file where the partition folder must go")
+    job = JobSpec(cfg, settings(model_info), str(out), "source", {})
+    record = write_fragment(payload, job)
+    assert record.reason.startswith("writing it: cannot write ") and "File exists" in record.reason, record
+    assert json.loads((out / "_manifest" / "failures" / f"{fragment.id}.json").read_text())["reason"] == record.reason
+    assert not (out / "_manifest" / "fragments").exists()  # nothing committed
+
+
+UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
+
+
+def _can_mount() -> bool:
+    try:
+        return subprocess.run([*UNSHARE, "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare with user and mount namespaces (util-linux)")
+def test_a_full_disk_and_a_read_only_remount_mid_run_end_in_one_line(tmp_path):
+    """A real tmpfs, filled (ENOSPC) or remounted read-only once a few fragments are committed."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    lines = (CORPUS / "part-0.jsonl").read_text().splitlines()
+    (corpus / "s.jsonl").write_text("\n".join(lines * 2) + "\n")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cfg = write_config(tmp_path / "c.yaml", input={"uri": str(corpus)}, model={"max_length": 16},
+                       batching={"fragment_docs": 10}, output={"uri": str(disk / "out")})
+    breaks = {"full": f"dd if=/dev/zero of={disk}/filler bs=64k 2>/dev/null",
+              "read-only": f"mount -o remount,ro {disk}"}
+    for name, break_it in breaks.items():
+        script = (f"mount -t tmpfs -o size=64m tmpfs {disk} && "
+                  f"( while [ $(ls {disk}/out/_manifest/fragments 2>/dev/null | wc -l) -lt 2 ]; do sleep 0.05; done; "
+                  f"{break_it} ) & {sys.executable} -m pipeline.cli run {cfg}")
+        result = subprocess.run([*UNSHARE, "sh", "-c", script], capture_output=True, text=True, timeout=600)
+        cause = "No space left on device" if name == "full" else "Read-only file system"
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1, (name, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr and "\x1b[" not in result.stderr, (name, result.stderr[-3000:])
+        assert last.startswith("error: ") and cause in last, (name, last)

@@ -6,6 +6,8 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +253,75 @@ def test_driver_and_cpu_steps_never_import_torch(model_info):
     code = ("import pickle, sys; import pipeline.cli, pipeline.runner, pipeline.ray_pipeline; "
             "job = pickle.loads(sys.stdin.buffer.read()); assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], input=job, check=True)
+
+
+# --- strata never deletes what it did not write, and never reads its own output ---
+
+def test_an_output_among_files_strata_did_not_write_is_refused_and_they_stay(tmp_path):
+    corpus = small_corpus(tmp_path / "in")
+    out = tmp_path / "existing"
+    user_files = {out / "data" / "lang=en" / "user.parquet": b"PAR1 user data", out / "quarantine" / "keep.parquet": b"k",
+                  out / "data" / ".gitkeep": b""}
+    for path, content in user_files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    with pytest.raises(OutputError, match=r"is not empty and is not a strata output \(it holds data/\.gitkeep, "):
+        run(config(corpus, out))
+    assert all(path.read_bytes() == content for path, content in user_files.items())
+    assert not (out / "_manifest").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("input_at, output_at", [
+    ("proj/data", "proj"),  # the input inside the output: its clean-up would have deleted the corpus
+    ("corpus", "corpus/emb"),  # the output inside the input: the next run would read its own Parquet
+    ("corpus/*.jsonl", "corpus/emb"),
+])
+def test_an_input_and_output_that_contain_each_other_are_refused(tmp_path, input_at, output_at):
+    corpus = small_corpus(tmp_path / input_at.split("*")[0])
+    pq.write_table(pa.table({"text": ["a document in Parquet"]}), corpus / "corpus.parquet")
+    before = sorted(p.name for p in corpus.iterdir())
+    with pytest.raises(Exception, match=r"output\.uri .* and input\.uri .* overlap"):
+        run(config(tmp_path / input_at, tmp_path / output_at))
+    assert sorted(p.name for p in corpus.iterdir()) == before
+
+
+def test_a_model_replica_that_cannot_start_ends_the_run_in_one_line(ray_cluster, tmp_path, model_info):
+    model = tmp_path / "model"
+    shutil.copytree(model_info.path, model)
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # the driver hashes it; loading fails
+    cfg = config(small_corpus(tmp_path / "in"), tmp_path / "out", model={"name_or_path": str(model)})
+    with pytest.raises(RunFailed) as failed:
+        run(cfg)
+    message = str(failed.value)
+    assert message.startswith("a model replica cannot start: SafetensorError: ") and "\n" not in message
+    assert "\x1b" not in message and "rerun once it is" in message
+    assert not list((tmp_path / "out" / "_manifest" / "failures").glob("*.json"))  # no fragment is to blame
+
+
+def test_a_version_is_never_published_with_files_that_are_gone(ray_cluster, tmp_path):
+    corpus, out = small_corpus(tmp_path / "in"), tmp_path / "out"
+    cfg = config(corpus, out)
+    stop = threading.Event()
+
+    def delete_after_two_commits():
+        while not stop.is_set():
+            if len(list((out / "_manifest" / "fragments").glob("*.json"))) >= 2:
+                shutil.rmtree(out, ignore_errors=True)  # rm -rf OUT, as a user or a cleaner might
+                return
+            time.sleep(0.05)
+
+    deleter = threading.Thread(target=delete_after_two_commits)
+    deleter.start()
+    try:
+        with pytest.raises(RunFailed, match=r"not published: .* gone from the output|could not be embedded"):
+            run(cfg)
+    finally:
+        stop.set()
+        deleter.join()
+    assert not list((out / "_manifest" / "versions").glob("*.json"))
+    summary = run(cfg)  # the rerun embeds what was lost and publishes a whole version
+    snapshot = json.loads(sorted((out / "_manifest" / "versions").glob("*.json"))[-1].read_text())
+    assert summary["published"] and all((out / f).is_file() for f in snapshot["files"])
+    assert sorted(read_output(out)["id"].to_pylist()) == sorted(
+        json.loads(line)["id"] for p in sorted(corpus.glob("*.jsonl")) for line in p.read_text().splitlines())

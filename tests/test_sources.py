@@ -10,7 +10,7 @@ import zstandard
 
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
-from pipeline.sources import count_rows, list_shards, read_ranges
+from pipeline.sources import count_rows, keep_schema, list_shards, read_ranges
 
 FS = fsspec.filesystem("file")
 
@@ -62,7 +62,7 @@ def test_counts_lines_with_and_without_final_newline(tmp_path: Path, suffix):
 def read_all(path: Path, ranges, **cfg):
     config = InputConfig(uri=str(path), **cfg)
     shard = list_shards(config)[0]
-    return list(read_ranges(FS, shard, ranges, config))
+    return list(read_ranges(FS, shard, ranges, config, keep_schema(FS, [shard], config)))
 
 
 def test_reads_row_ranges_with_ids_and_kept_fields(tmp_path: Path):
@@ -141,3 +141,117 @@ def test_a_shard_shorter_than_planned_is_an_error_not_a_silent_drop(tmp_path):
     shard = list_shards(cfg)[0]
     with pytest.raises(InputError, match="ended after 2 rows, but 5 were planned"):
         list(read_ranges(fsspec.filesystem("file"), shard, [(0, 5)], cfg))
+
+
+DOCS = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(5)]
+
+
+def _jsonl_bytes() -> bytes:
+    return lines(*DOCS).encode()
+
+
+def _text_bytes() -> bytes:
+    return "".join(d["text"] + "\n" for d in DOCS).encode()
+
+
+def _zstd_frames(data: bytes) -> bytes:
+    """Two zstd frames back to back, as parallel compressors (pzstd, zstd -T) write them."""
+    cut = data.index(b"\n", len(data) // 2) + 1
+    return zstandard.ZstdCompressor().compress(data[:cut]) + zstandard.ZstdCompressor().compress(data[cut:])
+
+
+@pytest.mark.parametrize("name, make", [
+    ("s.jsonl", _jsonl_bytes), ("s.ndjson", _jsonl_bytes), ("s.json", _jsonl_bytes),
+    ("s.jsonl.gz", lambda: gzip.compress(_jsonl_bytes())), ("s.jsonl.zst", lambda: _zstd_frames(_jsonl_bytes())),
+    ("s.jsonl.zstd", lambda: zstandard.ZstdCompressor().compress(_jsonl_bytes())),
+    ("s.txt", _text_bytes), ("s.txt.gz", lambda: gzip.compress(_text_bytes())),
+    ("s.txt.zst", lambda: _zstd_frames(_text_bytes())),
+])
+def test_every_listed_format_and_compression_is_read_not_only_counted(tmp_path: Path, name, make):
+    path = tmp_path / name
+    path.write_bytes(make())
+    [shard] = list_shards(InputConfig(uri=str(tmp_path)))
+    assert count_rows(FS, shard) == 5
+    parts = read_all(path, [(0, 2), (2, 5)])
+    assert [t for p in parts for t in p.docs["text"].to_pylist()] == [d["text"] for d in DOCS]
+
+
+def test_parquet_is_read_too(tmp_path: Path):
+    pq.write_table(pa.Table.from_pylist(DOCS), tmp_path / "s.parquet")
+    assert [t for p in read_all(tmp_path / "s.parquet", [(0, 5)]) for t in p.docs["text"].to_pylist()] == \
+        [d["text"] for d in DOCS]
+
+
+def test_only_regular_files_are_shards(tmp_path: Path):
+    import os
+    import socket
+
+    (tmp_path / "ok.jsonl").write_text(lines(*DOCS))
+    os.mkfifo(tmp_path / "fifo.jsonl")  # reading would block forever
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")  # reading would never end
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "ok.jsonl")  # a symlink to a regular file is one
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")  # listed: it fails with its reason
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "sock.jsonl"))
+    skipped: list[str] = []
+    shards = list_shards(InputConfig(uri=str(tmp_path)), skipped=skipped)
+    assert [s.source for s in shards] == ["gone.jsonl", "link.jsonl", "ok.jsonl"]
+    assert sorted(skipped) == ["fifo.jsonl (not a regular file)", "sock.jsonl (not a regular file)",
+                               "zero.txt (not a regular file)"]
+    server.close()
+
+
+def test_a_file_name_that_is_not_utf8_is_read_under_an_escaped_source(tmp_path: Path):
+    import os
+
+    name = os.fsdecode(b"caf\xe9.jsonl")  # Latin-1 bytes in a name: Python keeps them as a lone surrogate
+    (tmp_path / name).write_text(lines(*DOCS))
+    [shard] = list_shards(InputConfig(uri=str(tmp_path)))
+    assert shard.source == "caf\\xe9.jsonl"
+    [part] = list(read_ranges(FS, shard, [(0, 5)], InputConfig(uri=str(tmp_path))))
+    assert part.docs["source"].to_pylist() == ["caf\\xe9.jsonl"] * 5
+
+
+def test_a_value_arrow_cannot_store_costs_only_its_own_document(tmp_path: Path):
+    path = tmp_path / "s.jsonl"
+    good = [{"id": f"g{i}", "text": f"good {i}", "lang": "en"} for i in range(19)]
+    body = lines(*good[:5]) + '{"id": "s5", "text": "broken \\ud800 here", "lang": "en"}\n' + lines(*good[5:10]) + \
+        '{"id": "bad\\udfff", "text": "fine", "lang": "en"}\n' + lines(*good[10:]) + \
+        '{"id": "k", "text": "fine", "lang": "x\\ud834"}\n'
+    path.write_text(body)
+    [part] = read_all(path, [(0, 22)], keep_fields=["lang"])
+    assert part.docs["id"].to_pylist() == [g["id"] for g in good]
+    reasons = {q["row"]: q["reason"] for q in part.quarantine}
+    assert reasons[5] == "'text' holds a lone surrogate (\\ud800 at character 7), not valid Unicode"
+    assert reasons[11].startswith("'id' holds a lone surrogate")
+    assert reasons[21].startswith("kept field 'lang' holds a lone surrogate")
+    from pipeline.output import quarantine_table
+
+    assert quarantine_table(part.quarantine).num_rows == 3  # the quarantine file can hold them
+
+
+def test_parquet_strings_that_are_not_utf8_cost_only_their_rows(tmp_path: Path):
+    texts = pa.array([b"fine one", b"bad \xff byte", b"fine two"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": texts}), tmp_path / "s.parquet")
+    [part] = read_all(tmp_path / "s.parquet", [(0, 3)])
+    assert part.docs["id"].to_pylist() == ["a", "c"]
+    assert [q["reason"] for q in part.quarantine] == ["'text' is not valid UTF-8 (byte 4 of a string)"]
+
+
+def test_kept_fields_take_the_first_shards_types_and_a_value_that_does_not_fit_is_quarantined(tmp_path: Path):
+    pq.write_table(pa.table({"text": ["a", "b"], "label": pa.array([1, 2], pa.int64()),
+                             "meta": [{"k": 1}, {"k": 2}]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["c", "d", "e"], "label": pa.array(["3", "x", None]).dictionary_encode(),
+                             "meta": [{"k": 3}, None, {"k": 5}]}), tmp_path / "b.parquet")
+    (tmp_path / "c.jsonl").write_text(lines({"text": "f", "label": 6, "meta": {"k": 6}},
+                                            {"text": "g", "label": "7", "meta": "not an object"}))
+    cfg = InputConfig(uri=str(tmp_path), keep_fields=["label", "meta"])
+    shards = list_shards(cfg)
+    schema = keep_schema(FS, shards, cfg)
+    assert str(schema.field("label").type) == "int64" and str(schema.field("meta").type) == "struct<k: int64>"
+    parts = [part for shard in shards for part in read_ranges(FS, shard, [(0, count_rows(FS, shard))], cfg, schema)]
+    assert all(p.docs.schema.field("label").type == pa.int64() for p in parts)
+    assert pa.concat_tables([p.docs for p in parts])["label"].to_pylist() == [1, 2, 3, None, 6]
+    reasons = [q["reason"] for p in parts for q in p.quarantine]
+    assert len(reasons) == 2 and "kept field 'label' is \"x\", which is not a int64" in reasons[0]
+    assert "kept field 'meta' is \"not an object\", which is not a struct<k: int64>" in reasons[1]
