@@ -451,18 +451,27 @@ def main() -> None:
         err.print("terminated (SIGTERM); committed work is kept: rerun the same command to resume", markup=False,
                   highlight=False)
         sys.exit(143)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:  # usage errors (typer's own click) arrive here in non-standalone mode
+        exc.show()
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        if not _stdout_failed(exc):
+            raise
+        err.print(f"error: cannot write to standard output: {exc.strerror or exc}", markup=False, highlight=False)
+        sys.exit(1)
     if code == 130:  # typer turns Ctrl-C into this code when it does not exit itself
         err.print("interrupted; committed work is kept: rerun the same command to resume", markup=False,
                   highlight=False)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _stdout_failed(exc: OSError) -> bool:
+    """Whether an OSError came from writing to standard output (a full disk, a closed pipe)."""
+    import traceback
+
+    return any(frame.filename.endswith(("rich/console.py", "rich/file_proxy.py")) or frame.name == "print"
+               for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def _terminate(signum, frame) -> None:

@@ -85,6 +85,16 @@ class InputConfig(_Strict):
             raise ValueError("keep_fields lists a field twice")
         return fields
 
+    @model_validator(mode="after")
+    def _text_is_not_kept(self) -> "InputConfig":
+        # the text travels in a column of its own until it is tokenized, and is not stored:
+        # `strata search` reads texts back from the input
+        for name in {"text", self.text_field} & set(self.keep_fields):
+            raise ValueError(f"keep_fields: {name!r} " + ("is the text field; texts are not copied into the output "
+                             "(strata search reads them back from the input)" if name == self.text_field else
+                             "is the name of strata's own text column while texts are read; rename the field"))
+        return self
+
 
 class ModelConfig(_Strict):
     name_or_path: str = Field("default", description='"default" (packaged all-MiniLM-L6-v2) or a local model folder')
@@ -399,6 +409,11 @@ def _check_nodes(root: yaml.Node, origin: str) -> None:
         if isinstance(node, yaml.SequenceNode):
             stack.extend((child, (*path, str(index))) for index, child in enumerate(node.value))
         elif isinstance(node, yaml.MappingNode):
+            names = [key.value for key, _ in node.value if key.tag == "tag:yaml.org,2002:str"]
+            twice = next((name for name in names if names.count(name) > 1), None)
+            if twice is not None:  # YAML's last-one-wins would silently drop the first
+                raise ConfigError(f"{origin}: the key {_quote('.'.join((*path, twice)))} appears twice in one "
+                                  "mapping; keep one")
             for key, value in node.value:
                 if key.tag not in _NAME_TAGS:
                     shown = _quote(key.value) if isinstance(key.value, str) else f"a {key.id}"

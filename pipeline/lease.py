@@ -63,6 +63,8 @@ class Lease:
     def acquire(self, note: Callable[[str], None] = lambda _: None) -> None:
         """Take the output, waiting out a holder that may be dead; OutputBusy if it is alive."""
         current = self._read()
+        if current is None and self.location.exists(LEASE_FILE):  # no run writes a lease like that
+            note(f"strata: {self.location.uri(LEASE_FILE)} is damaged (not a lease strata writes); taking it over")
         if current is not None and current.token != self.holder.token and not self._gone(current, note):
             raise OutputBusy(f"output {self.location.uri()} is being written by another run ({current.describe()}); "
                              "two runs on one output redo each other's work: wait for it, or stop it first")

@@ -100,16 +100,31 @@ def partition_files(table: pa.Table, partition_by: str, fragment_id: str) -> lis
     name = f"{fragment_id}.parquet"
     if partition_by == "none":
         return [(f"data/{name}", table)]
-    folders = pa.array([partition_folder(partition_by, value) for value in table[partition_by].to_pylist()])
-    files = []
+    folders = _folders(table[partition_by].combine_chunks(), partition_by)
+    files, seen = [], set()
     for folder in pc.unique(folders).to_pylist():
         rows = table.filter(pc.equal(folders, folder)) if len(folders) and pc.count_distinct(folders).as_py() > 1 \
             else table
-        files.append((f"data/{folder}/{name}", rows))
+        # on a case-insensitive disk (macOS, Windows) `lang=EN` and `lang=en` are one folder: never one file
+        file = name if folder.casefold() not in seen else \
+            f"{fragment_id}-{hashlib.sha256(folder.encode()).hexdigest()[:8]}.parquet"
+        seen.add(folder.casefold())
+        files.append((f"data/{folder}/{file}", rows))
     paths = [path for path, _ in files]
     if len(set(paths)) != len(paths) or sum(rows.num_rows for _, rows in files) != table.num_rows:
         raise AssertionError(f"splitting a fragment by {partition_by!r} lost or doubled rows: {paths}")
     return files
+
+
+def _folders(values: pa.Array, column: str) -> pa.Array:
+    """Each row's partition folder, encoding each distinct value once."""
+    try:
+        encoded = pc.dictionary_encode(values)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # nested kept fields: row by row
+        return pa.array([partition_folder(column, value) for value in values.to_pylist()], pa.string())
+    names = pa.array([partition_folder(column, value) for value in encoded.dictionary.to_pylist()], pa.string())
+    folders = names.take(encoded.indices)
+    return pc.if_else(pc.is_null(encoded.indices), f"{column}={NULL_PARTITION}", folders)
 
 
 def partition_folder(column: str, value) -> str:

@@ -90,6 +90,10 @@ def check_output(config: StrataConfig) -> Location:
                           "files; put the output somewhere else")
     location = Location.from_uri(config.output.uri, config.storage)
     check_output_folder(location)
+    outer = location.enclosing_output()
+    if outer is not None:
+        raise ConfigError(f"output.uri {config.output.uri!r} lies inside the strata output {outer}: its files would "
+                          "become part of that output's data; put the output somewhere else")
     return location
 
 

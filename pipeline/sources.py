@@ -291,6 +291,8 @@ def _parse_json_line(line: bytes) -> object:
         return f"invalid UTF-8 at byte {exc.start}"
     except ValueError as exc:
         return f"malformed JSON: {exc}"
+    except RecursionError:
+        return "JSON nested too deep to read (about 1,000 levels or more)"
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
     return record
@@ -378,7 +380,11 @@ class _Builder:
 
     def _doc_id(self, row: int, record: object) -> str:
         value = record.get(self.cfg.id_field) if isinstance(record, dict) else None
-        return f"{self.shard.source}#{row}" if value is None else str(value)
+        if value is None:
+            return f"{self.shard.source}#{row}"
+        # numbers as written; booleans, lists and objects as JSON text, as kept fields are
+        return value if isinstance(value, str) else str(value) if isinstance(value, (int, float)) and \
+            not isinstance(value, bool) else json.dumps(value, default=str)
 
     def _quarantine(self, doc_id: str, row: int, reason: str, text: str) -> None:
         self.out.quarantine.append(
@@ -389,7 +395,7 @@ class _Builder:
     def finish(self) -> FragmentRows:
         try:
             self.out.docs = self._table()
-        except (UnicodeEncodeError, pa.ArrowException, TypeError, ValueError, OverflowError):
+        except (UnicodeEncodeError, pa.ArrowException, TypeError, ValueError, OverflowError, RecursionError):
             self._quarantine_unstorable()  # find the rows at fault; the happy path never loops over rows
             self.out.docs = self._table()
         return self.out
@@ -434,6 +440,8 @@ def _kept_problem(name: str, value: object, kind: pa.DataType) -> str | None:
         kept_array([value], kind)
     except UnicodeEncodeError as exc:
         return f"kept field {name!r} holds a lone surrogate at character {exc.start}, not valid Unicode"
+    except RecursionError:
+        return f"kept field {name!r} is nested too deep to store"
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
         shown = json.dumps(value, default=str, ensure_ascii=True)
         return (f"kept field {name!r} is {shown[:60]}{'...' if len(shown) > 60 else ''}, which is not a {kind} "

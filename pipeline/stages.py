@@ -204,15 +204,33 @@ class Embed:
                                           docs["truncated"].to_numpy(zero_copy_only=False))
         result = self.embedder.embed(windows)
         faults.maybe_kill("embed", fragment.start)
+        row_doc = windows.doc if self.embedder.settings.window_rows else np.arange(docs.num_rows)
+        for doc in not_finite(result, row_doc):  # e.g. weights that overflow float16: never stored as inf/NaN
+            result.failed_docs.setdefault(int(doc), (
+                f"its vectors are not finite (inf or NaN: beyond {self.embedder.settings.precision}'s range, "
+                f"{np.finfo(self.embedder.settings.precision).max:.0f}); lower the output's weights or store float32"))
         rows = output_table(row_table(docs, windows, self.embedder.settings.window_rows, self.keep_fields), result)
         quarantine = payload["quarantine"]
         if result.failed_docs:  # drop every row (document or window) of a document that failed
-            row_doc = windows.doc if self.embedder.settings.window_rows else np.arange(docs.num_rows)
             rows = rows.filter(pa.array(~np.isin(row_doc, list(result.failed_docs))))
             quarantine = _append_quarantine(quarantine, docs, result.failed_docs)
         release_host_memory()  # the micro-batches' activations are freed by now
         return {**payload, "docs": table_to_bytes(rows), "windows": b"", "quarantine": quarantine,
                 "embedded": docs.num_rows - len(result.failed_docs), "padded_tokens": result.padded_tokens}
+
+
+def not_finite(result, row_doc: np.ndarray) -> np.ndarray:
+    """Documents with an inf or NaN anywhere in their vectors (row_doc: (R,) document of each row)."""
+    bad = np.zeros(len(row_doc), bool)
+    for name, vectors in result.vectors.items():
+        finite = np.isfinite(vectors.reshape(len(vectors), -1)).all(axis=1) if vectors.size else \
+            np.ones(len(vectors), bool)
+        units = result.token_units.get(name)
+        if units is None:
+            bad |= ~finite
+        else:  # token-level: a row is bad when one of its tokens is
+            bad[np.repeat(np.arange(len(row_doc)), units.counts)[~finite]] = True
+    return np.unique(row_doc[bad])
 
 
 def _append_quarantine(quarantine: bytes, docs: pa.Table, reasons: dict[int, str], texts: list[str] | None = None) -> bytes:

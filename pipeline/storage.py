@@ -26,6 +26,10 @@ _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-[0-9a-f]{8}$")
 S3_PROTOCOLS = ("s3", "s3a")
 
 
+class StorageError(StrataError):
+    """Storage refused or could not be reached: the cause, and the file or folder it concerns."""
+
+
 def storage_options(uri: str, storage: StorageConfig | None) -> dict:
     """fsspec options for a URI: endpoint, region, profile, retries and timeouts for S3."""
     storage = storage or StorageConfig()
@@ -46,12 +50,16 @@ def storage_options(uri: str, storage: StorageConfig | None) -> dict:
 
 
 def open_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for any URI: a local path, s3://, or another fsspec protocol."""
-    return fsspec.core.url_to_fs(uri, **storage_options(uri, storage))
-
-
-class StorageError(StrataError):
-    """Storage refused or could not be reached: the cause, and the file or folder it concerns."""
+    """(filesystem, path inside it) for any URI: a local path, s3://, or another fsspec protocol.
+    StorageError when the protocol's driver is not installed or its server cannot be reached
+    (some drivers connect as they open: ftp, hdfs). `memory://` is refused: it dies with the process."""
+    if fsspec.core.split_protocol(uri)[0] == "memory":
+        raise StorageError(f"{uri}: a memory:// location lives only inside one process; strata's workers and "
+                           "later runs could never see it (use a folder or object storage)")
+    try:
+        return fsspec.core.url_to_fs(uri, **storage_options(uri, storage))
+    except Exception as exc:  # noqa: BLE001 - ImportError (gcsfs missing), socket errors, a JVM that is not there
+        raise StorageError(f"cannot open {uri}: {one_line(exc)}") from None
 
 
 def _io(action: str):
@@ -145,6 +153,19 @@ class Location:
     @_io("remove")
     def remove(self, *parts: str) -> None:
         self.fs.rm(self.path(*parts))
+
+    @_io("reach")
+    def enclosing_output(self, max_levels: int = 32) -> str | None:
+        """The nearest folder above the root holding a strata output (`_manifest/run.json`), if any."""
+        folder = self.root
+        for _ in range(max_levels):
+            parent = posixpath.dirname(folder)
+            if parent == folder or not parent:
+                return None
+            folder = parent
+            if self.fs.exists(posixpath.join(folder, "_manifest", "run.json")):
+                return self.fs.unstrip_protocol(folder) if not self.is_local else folder
+        return None
 
     @_io("list")
     def some_files(self, limit: int, ignore: set[str] = frozenset(), max_folders: int = 64) -> list[str]:

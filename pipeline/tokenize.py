@@ -114,6 +114,9 @@ class TextTokenizer:
         self.backend = _load_backend(model_path)
         self.backend.no_padding()
         self.prefix, self.suffix = special_counts(self.backend)
+        if max_length <= self.prefix + self.suffix:
+            raise ConfigError(f"model.max_length {max_length} leaves no room for text beside the model's "
+                              f"{self.prefix + self.suffix} special tokens; use at least {self.prefix + self.suffix + 1}")
         if stride is not None:
             check_stride(stride, max_length, self.prefix + self.suffix)
         self.backend.enable_truncation(max_length, stride=stride or 0)

@@ -36,6 +36,18 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1 for the session; tests use buckets of their own."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def model_info():
     from pipeline.config import ModelConfig
     from pipeline.model import resolve_model

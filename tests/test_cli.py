@@ -173,11 +173,17 @@ def test_status_and_gc_of_a_damaged_manifest_say_which_file_in_one_line(capsys, 
 
 
 def test_status_of_object_storage_without_credentials_is_one_line(capsys, monkeypatch):
+    import s3fs
+
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    code, _, stderr = cli(capsys, "status", "s3://nobucket/x")
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keys its cache on options, not on these variables
+    try:
+        code, _, stderr = cli(capsys, "status", "s3://nobucket/x")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
     assert code == 1 and stderr.count("\n") == 1
     assert stderr.startswith("error: cannot reach s3://nobucket/x/_manifest/run.json: NoCredentialsError")
 
@@ -206,3 +212,29 @@ def test_a_dead_local_cluster_left_behind_does_not_stop_runs(tmp_path):
             address_file.unlink(missing_ok=True)
         else:
             address_file.write_bytes(saved)
+
+
+@pytest.mark.parametrize("uri, said", [("gs://b/x", "ImportError: Please install gcsfs"),
+                                       ("memory://x", "lives only inside one process")])
+def test_a_location_strata_cannot_open_is_one_line(capsys, uri, said):
+    for args in (("status", uri), ("gc", uri, "--keep", "1")):
+        code, _, stderr = cli(capsys, *args)
+        assert code == 1 and stderr.count("\n") == 1 and said in stderr, (args, stderr)
+
+
+def test_usage_mistakes_print_usage_not_a_traceback(capsys):
+    for args in (("run",), ("gc", "x", "--keep", "0"), ("frob",), ("search", "db", "q", "-k", "0")):
+        code, _, stderr = cli(capsys, *args)
+        assert code == 2 and "Traceback" not in stderr and "Error: " in stderr, (args, stderr)
+
+
+def test_a_standard_output_that_cannot_be_written_is_one_line(tmp_path):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(tmp_path / "none.yaml")],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert_one_line_error(result, "cannot read config")  # the error goes to stderr as always
+    path = write_config(tmp_path / "c.yaml", **base(tmp_path))
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(path)], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=300)
+    assert_one_line_error(result, "cannot write to standard output: No space left on device")

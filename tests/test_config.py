@@ -182,7 +182,7 @@ def test_storage_options_are_scalars_with_one_level_of_mapping(tmp_path: Path):
 def test_keys_must_be_names(tmp_path: Path):
     assert_config_error(write(tmp_path / "int.yaml", "1: x\n"),
                         match="the key '1' at line 3 is read as int, not a name")
-    assert_config_error(write(tmp_path / "bool.yaml", "input: {uri: a, on: x}\n"),
+    assert_config_error(write(tmp_path / "bool.yaml", "model: {name_or_path: a, on: x}\n"),
                         match="the key 'on' at line 3 is read as bool")
     assert_config_error(write(tmp_path / "seq.yaml", "? [a]\n: b\n"), match="the key a sequence at line 3")
 
@@ -205,3 +205,16 @@ def test_override_key_paths_are_bounded(tmp_path: Path):
     assert_config_error(path, ["outputs..name=1"], match="a key path is up to 32 names")
     assert_config_error(path, ["outputs." + "9" * 5000 + ".name=y"], match="is not an index of the 1-item list")
     assert_config_error(path, ["outputs.²=y"], match="'²' is not an index of the 1-item list")
+
+
+@pytest.mark.parametrize("keep, text_field", [(["text"], "text"), (["body"], "body"), (["text"], "body")])
+def test_the_text_field_is_not_a_keep_field(keep, text_field):
+    with pytest.raises(ConfigError, match=r"keep_fields: '(text|body)' is"):
+        parse_config({"input": {"uri": "x", "keep_fields": keep, "text_field": text_field}, "output": {"uri": "y"}})
+
+
+def test_a_key_given_twice_is_refused_not_silently_overwritten(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {uri: a}\noutput: {uri: b}\noutput: {uri: c}\n")
+    with pytest.raises(ConfigError, match=r"the key 'output' appears twice"):
+        load_config(path)

@@ -67,12 +67,15 @@ def golden_specs():
     return specs
 
 
-@pytest.mark.parametrize("token_budget, rtol", [(1, 0), (2048, 1e-6)], ids=["one-doc-batches", "padded-batches"])
-def test_every_pooling_and_combine_matches_plain_transformers(model_info, texts, reference, token_budget, rtol):
+@pytest.mark.parametrize("token_budget, rtol, atol", [(1, 0, 1e-5), (2048, 1e-6, 4e-5)],
+                         ids=["one-doc-batches", "padded-batches"])
+def test_every_pooling_and_combine_matches_plain_transformers(model_info, texts, reference, token_budget, rtol, atol):
     """token_budget 1 runs each document alone, as the reference does, so the hidden states are
     bitwise equal and the check isolates layer selection, pooling, combining and normalizing.
     Padded batches change the encoder's own fp32 rounding (up to ~4e-6 per hidden value); summed
-    over 7 layers of magnitude ~30 that exceeds 1e-5 absolute, hence rtol 1e-6 (a few ulps) there."""
+    over 7 layers of magnitude ~30 that exceeds 1e-5 absolute, hence rtol 1e-6 (a few ulps) there;
+    and a token's vector summed over 7 layers carries 7 such errors (1.7e-5 seen on some CPUs'
+    kernels), hence atol 4e-5 for padded batches."""
     specs = golden_specs()  # 100 outputs, all from one forward pass per micro-batch
     embedder = embedder_for(model_info, *specs, token_budget=token_budget)
     result, windows = embed(embedder, model_info, texts[:12] + texts[-2:])
@@ -86,7 +89,7 @@ def test_every_pooling_and_combine_matches_plain_transformers(model_info, texts,
             ours = per_row(result, spec.name, row)
             assert ours.shape == expected.shape, spec.name
             worst = max(worst, float(np.abs(ours - expected).max()))
-            np.testing.assert_allclose(ours, expected, rtol=rtol, atol=1e-5, err_msg=spec.name)
+            np.testing.assert_allclose(ours, expected, rtol=rtol, atol=atol, err_msg=spec.name)
     assert worst > 0  # the comparison is real arithmetic, not the same array twice
     print(f"max abs error over {len(specs)} outputs x 14 texts: {worst:.2e}")
 

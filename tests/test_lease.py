@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.lease import LEASE_FILE, Lease, OutputBusy
+from pipeline.lease import LEASE_FILE, Lease, OutputBusy, current_holder
 from pipeline.storage import Location
 
 ROOT = Path(__file__).parents[1]
@@ -107,3 +107,19 @@ def test_scheduled_entrypoint_skips_a_tick_while_another_run_holds_the_output(tm
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("content", ['{"token": "t", "host": "h", "pid": 1, "started": 1.0, "renewed": "soon"}',
+                                     '{"token": "t", "ho', "[]"])
+def test_a_damaged_lease_is_taken_over_with_a_note(tmp_path, content):
+    location = Location.from_uri(str(tmp_path))
+    (tmp_path / "_manifest").mkdir()
+    (tmp_path / "_manifest" / "lease.json").write_text(content)
+    notes = []
+    lease = Lease(location)
+    lease.acquire(note=notes.append)
+    try:
+        assert current_holder(location).token == lease.holder.token
+        assert len(notes) == 1 and "lease.json is damaged" in notes[0]
+    finally:
+        lease.release()

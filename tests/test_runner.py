@@ -325,3 +325,22 @@ def test_a_version_is_never_published_with_files_that_are_gone(ray_cluster, tmp_
     assert summary["published"] and all((out / f).is_file() for f in snapshot["files"])
     assert sorted(read_output(out)["id"].to_pylist()) == sorted(
         json.loads(line)["id"] for p in sorted(corpus.glob("*.jsonl")) for line in p.read_text().splitlines())
+
+
+def test_an_output_inside_another_strata_output_is_refused(tmp_path):
+    outer = tmp_path / "outer"
+    (outer / "_manifest").mkdir(parents=True)
+    (outer / "_manifest" / "run.json").write_text("{}")
+    with pytest.raises(Exception, match=r"lies inside the strata output .*outer"):
+        run(config(small_corpus(tmp_path / "in"), outer / "data" / "extra"))
+    assert not (outer / "data").exists()
+
+
+def test_vectors_that_overflow_their_precision_are_quarantined_not_stored(ray_cluster, tmp_path):
+    corpus, out = small_corpus(tmp_path / "in", docs_per_shard=(4,)), tmp_path / "out"
+    loud = {"name": "loud", "layers": [-1, -2], "pooling": "mean", "combine": "weighted", "weights": [1e5, 1e5]}
+    with pytest.raises(RunFailed, match=r"4 of 4 documents were quarantined"):
+        run(config(corpus, out, outputs=[loud]))
+    reasons = [q["reason"] for q in ds.dataset(out / "quarantine").to_table().to_pylist()]
+    assert len(reasons) == 4 and all(r.startswith("its vectors are not finite (inf or NaN: beyond float16's range")
+                                     for r in reasons)

@@ -21,18 +21,12 @@ from conftest import CORPUS, cli, write_config
 
 
 @pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+def s3(moto_endpoint):
+    endpoint = moto_endpoint
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="corpus")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     fs.put(str(CORPUS) + "/", "corpus/in/", recursive=True)
     yield endpoint, fs
-    server.stop()
 
 
 def cfg(endpoint, input_uri, output_uri, **extra):

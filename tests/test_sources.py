@@ -255,3 +255,19 @@ def test_kept_fields_take_the_first_shards_types_and_a_value_that_does_not_fit_i
     reasons = [q["reason"] for p in parts for q in p.quarantine]
     assert len(reasons) == 2 and "kept field 'label' is \"x\", which is not a int64" in reasons[0]
     assert "kept field 'meta' is \"not an object\", which is not a struct<k: int64>" in reasons[1]
+
+
+def test_json_nested_too_deep_costs_only_its_own_line(tmp_path: Path):
+    path = tmp_path / "s.jsonl"
+    deep = '{"id": "deep", "text": "deep", "z": ' + "[" * 5000 + "]" * 5000 + "}"
+    path.write_text(lines(*DOCS[:2]) + deep + "\n" + lines(*DOCS[2:]))
+    [part] = read_all(path, [(0, 6)], keep_fields=["z"])
+    assert part.docs["id"].to_pylist() == [d["id"] for d in DOCS]
+    assert [q["reason"] for q in part.quarantine] == ["JSON nested too deep to read (about 1,000 levels or more)"]
+
+
+def test_ids_that_are_not_strings_read_as_json_text(tmp_path: Path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(lines(*({"id": value, "text": "t"} for value in (7, 2.5, True, {"a": 1}, [1, "x"]))))
+    [part] = read_all(path, [(0, 5)])
+    assert part.docs["id"].to_pylist() == ["7", "2.5", "true", '{"a": 1}', '[1, "x"]']

@@ -31,3 +31,12 @@ def test_cutting_long_texts_changes_no_token(tokenizer):
                                                                          w.special_tokens_mask)
         assert bool(c.overflowing) == bool(w.overflowing)  # the truncated flag
     assert sum(bool(w.overflowing) for w in whole) == len(texts) - 1
+
+
+def test_a_max_length_with_no_room_for_text_is_refused(model_info):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.max_length 2 leaves no room for text beside the model's 2 special "
+                                          r"tokens; use at least 3"):
+        TextTokenizer(model_info.path, 2)
+    assert TextTokenizer(model_info.path, 3).encode(["hello world"]).n_tokens.tolist() == [3]
