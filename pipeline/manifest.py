@@ -127,8 +127,10 @@ class Manifest:
 
     def commit(self, record: CommitRecord) -> None:
         self.location.write_bytes(json.dumps(asdict(record)).encode(), FRAGMENTS_DIR, f"{record.fragment}.json")
-        if self.location.exists(WRITING_DIR, f"{record.fragment}.json"):
+        try:  # the journal has done its job (a fragment written before journals existed has none)
             self.location.remove(WRITING_DIR, f"{record.fragment}.json")
+        except FileNotFoundError:
+            pass
 
     def fail(self, record: FailureRecord) -> None:
         self.location.write_bytes(json.dumps(asdict(record)).encode(), FAILURES_DIR, f"{record.fragment}.json")

@@ -236,8 +236,8 @@ def _actor_step(make_step, name: str):
 
         def __call__(self, batch: pa.Table) -> pa.Table:
             payload = _one(batch)
-            if self.broken and not payload["error"]:
-                return _table(cannot_start(payload, what, self.broken))
+            if self.broken:  # a fragment that failed upstream passes through, as every step lets it
+                return _table(payload if payload["error"] else cannot_start(payload, what, self.broken))
             return _table(self.step(payload))
 
     Step.__name__ = Step.__qualname__ = name

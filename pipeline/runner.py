@@ -256,7 +256,7 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
         versions.publish(location, _snapshot(plan, records))
         summary["published"] = True
         _say(console, f"published version {plan.version} of {config.output.uri}")
-    elif not failed:  # cannot happen unless records vanished under the run: say so rather than publish less
+    elif not failed and not lost:  # records vanished under the run: say so rather than publish less
         _say(console, f"version {plan.version} is not published: {len(own)} of "
                       f"{len(plan.fragments)} fragments are committed; rerun to finish it")
     manifest.write_run({**run_info, "summary": summary})
