@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
-from pipeline.model import WEIGHT_FILES
+from pipeline.model import weights_file
 
 
 def pick_device() -> torch.device:
@@ -42,9 +42,9 @@ class Encoder(nn.Module):
         # transformers fills tensors the weights lack with random values, and only logs it
         missing = sorted(key for key in loading["missing_keys"] if not key.startswith("pooler."))
         if missing:
-            weights = next((name for name in WEIGHT_FILES if (Path(path) / name).is_file()), "the weights")
-            raise ModelError(f"cannot load the weights of {path}: {weights} lacks {len(missing)} of the model's "
-                             f"tensors ({missing[0]}, ...); config.json describes another model")
+            raise ModelError(f"cannot load the weights of {path}: {weights_file(Path(path)).name} lacks "
+                             f"{len(missing)} of the model's tensors ({missing[0]}, ...); config.json describes another "
+                             "model")
         layers = _layer_list(model)
         if depth > len(layers):
             raise ModelError(f"asked for layer {depth} but {path} has {len(layers)} layers")

@@ -40,6 +40,12 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def escaped(text: str) -> str:
+    """Text for a one-line message with its unprintable characters escaped (`\\x1b`, `\\n`): causes
+    often echo a file's bytes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def root_cause(exc: BaseException) -> str:
     """The exception that started it all, as one line: a user error's own message, or the
     innermost cause of a chain of wrappers (Ray's task errors wrap the worker's exception)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.config import ModelConfig, StorageConfig
-from pipeline.errors import ConfigError, ModelError, StrataError, one_line
+from pipeline.errors import ConfigError, ModelError, StrataError, escaped, one_line
 from pipeline.storage import open_fs
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -242,7 +242,7 @@ def check_weights_load(info: ModelInfo) -> None:
 
     from pipeline.encoder import Encoder
 
-    weights = _weights_file(Path(info.path)).name
+    weights = weights_file(Path(info.path)).name
     failed = f"cannot load the weights of {info.path}"
     with _load_reports() as reports, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. torch's remark on the pickle protocol of a .bin file
@@ -273,11 +273,11 @@ def _load_failure(weights: str, exc: Exception, reports: list) -> str:
 def _load_reports() -> Iterator[list]:
     """transformers' account of each checkpoint loaded inside: missing, unexpected and mismatched keys.
 
-    from_pretrained(output_loading_info=True) would return it, but Encoder (the replicas' code path,
-    which this check must follow) does not ask, and otherwise the account is only a log record that
-    Encoder silences. So the report function is wrapped for the duration (one load at a time, as in
-    `strata validate`); with a transformers that has none, the list stays empty and only the load's
-    own errors count.
+    Encoder (the replicas' code path, which this check must follow) asks for it with
+    output_loading_info=True, but tensors of the wrong shape make from_pretrained raise before it
+    returns that account, whose only other trace is a log record Encoder silences. So the report
+    function is wrapped for the duration (one load at a time, as in `strata validate`); with a
+    transformers that has none, the list stays empty and only the load's own errors count.
     """
     from transformers import modeling_utils
 
@@ -304,11 +304,11 @@ def _cause(exc: BaseException, limit: int = 300) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)  # a file's bytes echoed: no escapes
+    text = escaped(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _weights_file(folder: Path) -> Path:
+def weights_file(folder: Path) -> Path:
     """The file a replica loads the weights from: transformers prefers safetensors, as here."""
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
@@ -317,7 +317,7 @@ def _weights_file(folder: Path) -> Path:
 
 
 def _weights_sha256(folder: Path) -> str:
-    path = _weights_file(folder)
+    path = weights_file(folder)
     digest = hashlib.sha256()
     try:
         with path.open("rb") as f:

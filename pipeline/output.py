@@ -101,10 +101,10 @@ def partition_files(table: pa.Table, partition_by: str, fragment_id: str) -> lis
     if partition_by == "none":
         return [(f"data/{name}", table)]
     folders = _folders(table[partition_by].combine_chunks(), partition_by)
+    distinct = pc.unique(folders).to_pylist()
     files, seen = [], set()
-    for folder in pc.unique(folders).to_pylist():
-        rows = table.filter(pc.equal(folders, folder)) if len(folders) and pc.count_distinct(folders).as_py() > 1 \
-            else table
+    for folder in distinct:
+        rows = table.filter(pc.equal(folders, folder)) if len(distinct) > 1 else table
         # on a case-insensitive disk (macOS, Windows) `lang=EN` and `lang=en` are one folder: never one file
         file = name if folder.casefold() not in seen else \
             f"{fragment_id}-{hashlib.sha256(folder.encode()).hexdigest()[:8]}.parquet"

@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, InputError, StrataError, root_cause
 from pipeline.fragments import Fragment, plan_fragments
 from pipeline.incremental import DiffTask, changes_name
 from pipeline.lease import Lease, OutputBusy
-from pipeline.manifest import (FRAGMENTS_DIR, HASHES_DIR, CommitRecord, FailureRecord, Manifest, check_output_folder,
+from pipeline.manifest import (FRAGMENTS_DIR, HASHES_DIR, RUN_FILE, CommitRecord, FailureRecord, Manifest, check_output_folder,
                                check_writable)
 from pipeline.model import ModelInfo, check_model_folder, resolve_model
 from pipeline.output import file_metadata
@@ -90,7 +90,7 @@ def check_output(config: StrataConfig) -> Location:
                           "files; put the output somewhere else")
     location = Location.from_uri(config.output.uri, config.storage)
     check_output_folder(location)
-    outer = location.enclosing_output()
+    outer = location.enclosing(RUN_FILE)
     if outer is not None:
         raise ConfigError(f"output.uri {config.output.uri!r} lies inside the strata output {outer}: its files would "
                           "become part of that output's data; put the output somewhere else")

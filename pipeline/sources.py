@@ -108,9 +108,7 @@ def _local_kind(path: str) -> str:
     a shard) | missing (a broken symlink: a shard that fails with its reason), after symlinks."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    except OSError:  # a symlink loop, a permission problem: reading it says why
+    except OSError:  # gone, a symlink loop, a permission problem: reading it says why
         return "missing"
     return "file" if stat.S_ISREG(mode) else "directory" if stat.S_ISDIR(mode) else "other"
 
@@ -190,7 +188,7 @@ def keep_schema(fs: fsspec.AbstractFileSystem, shards: list[Shard], cfg: InputCo
     column of nulls or a field the shard lacks as string); JSONL and text give strings (numbers,
     lists and objects as JSON text). A first shard whose footer cannot be read passes the choice on.
     """
-    for shard in shards[:16]:
+    for shard in shards[:16] if cfg.keep_fields else []:
         if shard.format != "parquet":
             break
         try:

@@ -155,15 +155,15 @@ class Location:
         self.fs.rm(self.path(*parts))
 
     @_io("reach")
-    def enclosing_output(self, max_levels: int = 32) -> str | None:
-        """The nearest folder above the root holding a strata output (`_manifest/run.json`), if any."""
+    def enclosing(self, marker: str, max_levels: int = 32) -> str | None:
+        """The nearest folder above the root that holds `marker` (a relative path), if any."""
         folder = self.root
         for _ in range(max_levels):
             parent = posixpath.dirname(folder)
             if parent == folder or not parent:
                 return None
             folder = parent
-            if self.fs.exists(posixpath.join(folder, "_manifest", "run.json")):
+            if self.fs.exists(posixpath.join(folder, marker)):
                 return self.fs.unstrip_protocol(folder) if not self.is_local else folder
         return None
 

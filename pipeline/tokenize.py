@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import ConfigError, ModelError, one_line
+from pipeline.errors import ConfigError, ModelError, escaped, one_line
 
 CHARS_PER_TOKEN = 32  # a generous bound: real text averages about 4 characters per token
 
@@ -216,8 +216,7 @@ def _load_backend(model_path: str):
     from tokenizers import Tokenizer
 
     def fail(why: str, exc: BaseException | None = None) -> ModelError:
-        cause = "" if exc is None else " (" + "".join(
-            c if c.isprintable() else ascii(c)[1:-1] for c in one_line(exc)) + ")"  # tokenizers echoes the file
+        cause = "" if exc is None else f" ({escaped(one_line(exc))})"  # tokenizers echoes the file
         return ModelError(f"cannot load the tokenizer of {model_path}: {why}{cause}")
 
     folder = Path(model_path)

@@ -55,9 +55,10 @@ class Snapshot:
         return json.dumps(data, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Snapshot":
-        raw = json.loads(data)
-        fragments = [CommitRecord(**record) for record in raw.pop("fragments")]
+    def from_dict(cls, raw: dict) -> "Snapshot":
+        """The inverse of `to_json`'s data; KeyError, TypeError or ValueError for anything else."""
+        raw = dict(raw)
+        fragments = [record_from(record, CommitRecord, ValueError) for record in raw.pop("fragments")]
         raw.pop("files", None)
         raw.pop("quarantine_files", None)
         return cls(fragments=fragments, **raw)
@@ -86,12 +87,8 @@ def read_snapshot(location: Location, version: int | None = None) -> Snapshot | 
     elif not location.exists(snapshot_path(version)):
         return None
     path = snapshot_path(version)
-    raw = read_json(location, path, dict)
     try:
-        fragments = [record_from(record, CommitRecord, ValueError) for record in raw.pop("fragments")]
-        raw.pop("files", None)
-        raw.pop("quarantine_files", None)
-        snapshot = Snapshot(fragments=fragments, **raw)
+        snapshot = Snapshot.from_dict(read_json(location, path, dict))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise damaged(location, path, f"it is not a version snapshot ({one_line(exc)})") from None
     for name, kind in (("version", int), ("fingerprint", str), ("kind", str), ("counts", dict), ("shards", dict)):
