@@ -59,23 +59,22 @@ def validate(config: str = typer.Argument(..., help="YAML config file"), overrid
     """Check a config against its model and input, and print it fully resolved."""
     from pipeline.model import check_model_folder, check_weights_load
     from pipeline.progress import count_of
-    from pipeline.runner import make_plan
+    from pipeline.runner import count_shards, make_plan
 
     cfg = load_config(config, overrides)
     plan = make_plan(cfg)
     check_model_folder(plan.model, with_transformers=True)
     check_weights_load(plan.model)  # what a replica does first: a model that cannot load fails here, not in the run
+    rows, bad = count_shards(plan)  # validate reads every shard once; a run never counts
     out.print(to_yaml(cfg), end="", markup=False, highlight=False)
-    shards = len({f.shard.source for f in plan.fragments})
     kept = "".join(f"; kept {f.name}: {f.type}" for f in plan.keep_schema or [])
     summary = (f"model {plan.model.name} ({plan.model.num_layers} layers, hidden {plan.model.hidden_size}, "
-               f"max_length {plan.model.max_length}); {shards} shards, {plan.total_rows:,} rows, "
-               f"{len(plan.fragments)} fragments; outputs "
+               f"max_length {plan.model.max_length}); {count_of(plan.work.num_rows, 'shard')}, {rows:,} rows; outputs "
                + ", ".join(f"{o.name}: layers {list(o.layers)}" for o in plan.outputs) + kept)
-    if plan.bad_shards:
-        first = plan.bad_shards[0]
-        raise StrataError(f"{count_of(len(plan.bad_shards), 'shard')} cannot be read ({first.source}: {first.reason}"
-                          f"{'; ...' if len(plan.bad_shards) > 1 else ''}); the rest is fine: {summary}")
+    if bad:
+        first = bad[0]
+        raise StrataError(f"{count_of(len(bad), 'shard')} cannot be read ({first.source}: {first.reason}"
+                          f"{'; ...' if len(bad) > 1 else ''}); the rest is fine: {summary}")
     err.print(f"ok: {summary}", markup=False, highlight=False)
 
 
@@ -100,6 +99,7 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
     failures = manifest.failures()
     holder = current_holder(manifest.location)
     committed = plan.get("carried_fragments", 0) + len(records)
+    planned = plan.get("fragments")  # known once every shard of the version was read
     report = {
         "output": output_uri,
         "running": None if holder is None else f"{holder.describe()}; lease renewed "
@@ -108,12 +108,13 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
         "fingerprint": run_info["fingerprint"],
         "model": run_info["model"].get("name"),
         "last_run_version": plan.get("version", 1),
-        "fragments_planned": plan["fragments"],
+        "fragments_planned": planned,
         "fragments_committed": committed,
-        "fragments_pending": max(plan["fragments"] - committed, 0),
+        "fragments_pending": None if planned is None else max(planned - committed, 0),
         "fragments_failed": sum(1 for f in failures if f.rows is not None),
         "shards_failed": sum(1 for f in failures if f.rows is None),
-        "rows_planned": plan["rows"],
+        "rows_planned": plan.get("rows"),
+        "shards_planned": plan.get("shards"),
         **{key: totals[key] for key in ("docs", "quarantined", "blank", "tokens")},
         "versions": [{"version": s.version, "created": s.created, "kind": s.kind, **s.counts} for s in snapshots],
         "last_run": run_info.get("summary"),

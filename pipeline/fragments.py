@@ -1,11 +1,13 @@
-"""The work unit: fragments (shard, row range) planned on the driver, and how a fragment's
-tables travel between pipeline stages.
+"""The work unit: fragments (shard, row range), cut by the read step as it streams a shard,
+and how a fragment's tables travel between pipeline stages.
 
-A fragment's id depends only on its shard's relative path, its row range and a salt (the
-shard's version, the settings and the output version the fragment belongs to), so the same
-input always plans the same fragments and a retried fragment rewrites the same file names,
-while an edited shard or a new version never reuses the name of a file an older version reads.
-The driver keeps one small `Fragment` per work unit and never per-document state.
+Fragment k of a shard holds rows [k·F, (k+1)·F) (F = batching.fragment_docs); the shard's last
+fragment holds what is left, and says it is last. A fragment's id depends only on its shard's
+relative path, its row range and a salt (the shard's version, the settings and the output
+version the fragment belongs to), so the same input always cuts the same fragments and a
+retried fragment rewrites the same file names, while an edited shard or a new version never
+reuses the name of a file an older version reads. Nothing counts a shard's rows beforehand:
+the driver learns a shard's fragments from their commit records.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Fragment:
     shard: Shard
     start: int  # first row, inclusive
     end: int  # last row, exclusive
+    last: bool = False  # the shard's last fragment (it ends where the shard does)
 
     @property
     def rows(self) -> int:
@@ -39,7 +42,7 @@ class Fragment:
     @classmethod
     def from_json(cls, text: str) -> "Fragment":
         raw = json.loads(text)
-        return cls(raw["id"], Shard(**raw["shard"]), raw["start"], raw["end"])
+        return cls(raw["id"], Shard(**raw["shard"]), raw["start"], raw["end"], raw.get("last", False))
 
 
 def fragment_id(source: str, start: int, end: int, salt: str = "") -> str:
@@ -48,20 +51,20 @@ def fragment_id(source: str, start: int, end: int, salt: str = "") -> str:
     return f"{safe_stem(source)}-{start:09d}-{digest}"
 
 
+def shard_failure_id(source: str) -> str:
+    """The id a failure record of a whole shard (or its rest) goes by."""
+    return "shard-" + hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
 def safe_stem(source: str) -> str:
     """A shard's file name as a path-safe word, for the names of files made from it."""
     return _UNSAFE.sub("_", source.rsplit("/", 1)[-1]).strip("._")[:40] or "shard"
 
 
-def plan_fragments(shards_with_rows: list[tuple[Shard, int]], fragment_docs: int, salt: str = "") -> list[Fragment]:
-    """Cut every shard into consecutive row ranges of `fragment_docs` rows (the last may be
-    shorter). The shard's version joins `salt` in the ids: an edited shard plans new fragments."""
-    fragments = []
-    for shard, rows in shards_with_rows:
-        for start in range(0, rows, fragment_docs):
-            end = min(start + fragment_docs, rows)
-            fragments.append(Fragment(fragment_id(shard.source, start, end, f"{shard.version}\0{salt}"), shard, start, end))
-    return fragments
+def cut(shard: Shard, start: int, end: int, last: bool, salt: str = "") -> Fragment:
+    """The fragment of rows [start, end) of a shard. The shard's version joins `salt` (the
+    settings and output version) in the id: an edited shard gets new fragments."""
+    return Fragment(fragment_id(shard.source, start, end, f"{shard.version}\0{salt}"), shard, start, end, last)
 
 
 def table_to_bytes(table: pa.Table) -> bytes:

@@ -24,7 +24,7 @@ from pipeline.errors import InputError, OutputError, one_line
 from pipeline.fragments import safe_stem
 from pipeline.manifest import HASHES_DIR, Manifest
 from pipeline.output import parquet_bytes
-from pipeline.sources import Shard, count_rows, read_ranges
+from pipeline.sources import Shard, read_fragments
 from pipeline.storage import Location, open_fs
 
 DIFF_CHUNK_ROWS = 4096  # rows read at a time while hashing a shard
@@ -87,11 +87,10 @@ def _old_index(location: Location, fragments: tuple[str, ...]) -> pa.Table:
 def _new_index(shard: Shard, cfg: InputConfig, storage: StorageConfig | None,
                kept: pa.Schema | None) -> tuple[pa.Table, int]:
     fs, _ = open_fs(cfg.uri, storage)
-    rows = count_rows(fs, shard)
-    ranges = [(start, min(start + DIFF_CHUNK_ROWS, rows)) for start in range(0, rows, DIFF_CHUNK_ROWS)]
-    parts = [index_table(chunk.docs["id"], content_hashes(chunk.docs, cfg.keep_fields), chunk.docs["row"])
-             for chunk in (read_ranges(fs, shard, ranges, cfg, kept) if ranges else [])]
-    return (pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()), rows
+    parts, rows = [INDEX_SCHEMA.empty_table()], 0
+    for _, rows, _, chunk in read_fragments(fs, shard, DIFF_CHUNK_ROWS, cfg, kept):
+        parts.append(index_table(chunk.docs["id"], content_hashes(chunk.docs, cfg.keep_fields), chunk.docs["row"]))
+    return pa.concat_tables(parts), rows
 
 
 def read_changes(changes_uri: str, storage: StorageConfig | None) -> pa.Table:

@@ -10,17 +10,28 @@ the files it names — never a file strata cannot prove it wrote. `failures/<id>
 the last run could not embed a fragment or a shard. Which committed fragments make up a
 published version is the business of `versions.py`.
 
+`index/<time>-<random>.parquet` are compact copies of commit records (one row each, with the
+size of the record's file), which the driver writes as records come in, so that reading the
+committed records of an output costs a listing and a few index files instead of a GET per
+fragment. The records stay the truth: an index row counts only while its record is listed with
+the same size; a record the index lacks (or disagrees with) is read from its own file.
+
 Everything here reads files that other processes (or people) may have damaged: a record cut
 short or of the wrong shape is an `OutputError` naming the file, never a traceback.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import re
+import time
 import uuid
 from dataclasses import MISSING, asdict, dataclass, fields
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import identity_changes
 from pipeline.errors import OutputError, one_line
@@ -34,6 +45,9 @@ ATTEMPTS_DIR = "_manifest/attempts"  # one empty object per start of a fragment'
 WRITING_DIR = "_manifest/writing"  # per fragment being written: the files it is about to write
 LEASE_FILE = "_manifest/lease.json"  # see lease.py
 WRITE_PROBE = "_manifest/.write-probe"
+INDEX_DIR = "_manifest/index"  # compact copies of commit records, see above
+INDEX_FILES_MAX = 8  # index files before `fold` merges them into one
+_INDEX_FILE = re.compile(r"^\d{20}-[0-9a-f]{8}\.parquet$")
 _ATTEMPT = re.compile(r"^(?P<fragment>.+)\.[0-9a-f]{12}$")
 
 
@@ -55,6 +69,8 @@ class CommitRecord:
     version: int = 1  # the output version it was made for
     carried: int = 0  # of `docs`, unchanged documents whose rows were copied from an older version
     carried_tokens: int = 0
+    shard_version: str = ""  # the shard's version it was read from (see sources.file_version)
+    last: bool = False  # the shard's last fragment: the shard ends at `end`
 
     @property
     def embedded(self) -> int:
@@ -87,8 +103,9 @@ class Manifest:
         for key, kind in (("fingerprint", str), ("identity", dict), ("model", dict), ("plan", dict)):
             if not isinstance(run.get(key), kind):
                 raise damaged(self.location, RUN_FILE, f"its {key!r} is missing or not a {kind.__name__}")
-        for key in ("fragments", "rows"):
-            if not isinstance(run["plan"].get(key), int) or isinstance(run["plan"][key], bool):
+        for key in ("fragments", "rows"):  # null until every shard of the version was read
+            if key not in run["plan"] or not isinstance(run["plan"][key], (int, type(None))) or \
+                    isinstance(run["plan"][key], bool):
                 raise damaged(self.location, RUN_FILE, f"its plan.{key} is missing or not a number")
         return run
 
@@ -117,6 +134,11 @@ class Manifest:
     def committed(self) -> set[str]:
         return {n.removesuffix(".json") for n in self.location.list_names(FRAGMENTS_DIR) if n.endswith(".json")}
 
+    def _listed_records(self) -> dict[str, int]:
+        """fragment id -> size in bytes of its commit record, from one listing."""
+        return {n.removesuffix(".json"): size for n, size in self.location.list_sizes(FRAGMENTS_DIR).items()
+                if n.endswith(".json")}
+
     def record(self, fragment: str) -> CommitRecord:
         return read_record(self.location, f"{FRAGMENTS_DIR}/{fragment}.json", CommitRecord)
 
@@ -126,7 +148,7 @@ class Manifest:
         self.location.write_bytes(json.dumps({"files": files}).encode(), WRITING_DIR, f"{fragment}.json")
 
     def commit(self, record: CommitRecord) -> None:
-        self.location.write_bytes(json.dumps(asdict(record)).encode(), FRAGMENTS_DIR, f"{record.fragment}.json")
+        self.location.write_bytes(record_bytes(record), FRAGMENTS_DIR, f"{record.fragment}.json")
         try:  # the journal has done its job (a fragment written before journals existed has none)
             self.location.remove(WRITING_DIR, f"{record.fragment}.json")
         except FileNotFoundError:
@@ -146,9 +168,21 @@ class Manifest:
                 self.location.remove(FAILURES_DIR, name)
         self.clear_attempts()
 
-    def note_attempt(self, fragment: str) -> None:
-        """Written as a fragment's embedding starts; a worker that dies leaves it behind."""
-        self.location.write_bytes(b"", ATTEMPTS_DIR, f"{fragment}.{uuid.uuid4().hex[:12]}")
+    def note_attempt(self, fragment: str, source: str, start: int, rows: int) -> None:
+        """Written as a fragment's embedding starts (saying which rows of which shard); a worker
+        that dies leaves it behind."""
+        self.location.write_bytes(json.dumps({"source": source, "start": start, "rows": rows}).encode(),
+                                  ATTEMPTS_DIR, f"{fragment}.{uuid.uuid4().hex[:12]}")
+
+    def attempt(self, fragment: str) -> dict:
+        """source, start and rows of a fragment whose embedding started, from one of its markers."""
+        for name in self.location.list_names(ATTEMPTS_DIR):
+            if (match := _ATTEMPT.match(name)) and match["fragment"] == fragment:
+                try:
+                    return read_json(self.location, f"{ATTEMPTS_DIR}/{name}", dict)
+                except OutputError:
+                    continue
+        return {}
 
     def attempts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -206,9 +240,77 @@ class Manifest:
                     removed += 1
         return removed
 
-    def records(self, fragment_ids: set[str] | None = None) -> list[CommitRecord]:
-        """Commit records, of every committed fragment or of the given ones."""
-        return [self.record(fid) for fid in sorted(self.committed() if fragment_ids is None else fragment_ids)]
+    def records(self, fragment_ids: set[str] | None = None,
+                unindexed: list[CommitRecord] | None = None) -> list[CommitRecord]:
+        """Commit records, of every committed fragment or of the given committed ones, sorted by
+        fragment id: from the index where it agrees with the listed records, else each from its
+        file (those also go to `unindexed`, when given, for the caller to `fold`)."""
+        listed = self._listed_records()
+        wanted = sorted(listed if fragment_ids is None else set(fragment_ids) & set(listed))
+        indexed = self.indexed() if wanted else {}
+        found = []
+        for fid in wanted:
+            entry = indexed.get(fid)
+            if entry and entry[1] == listed[fid]:
+                found.append(entry[0])
+                continue
+            found.append(self.record(fid))
+            if unindexed is not None:
+                unindexed.append(found[-1])
+        return found
+
+    def indexed(self) -> dict[str, tuple[CommitRecord, int]]:
+        """fragment id -> (record, its file's size) of every index file, later files first."""
+        entries: dict[str, tuple[CommitRecord, int]] = {}
+        for name in self._index_files():
+            path = f"{INDEX_DIR}/{name}"
+            try:
+                table = pq.read_table(io.BytesIO(self.location.read_bytes(path)))
+                rows = table.to_pylist()
+                sizes = [row.pop("record_bytes") for row in rows]
+                records = [record_from(row, CommitRecord, ValueError) for row in rows]
+            except FileNotFoundError:
+                continue  # merged away by another process's fold
+            except (KeyError, ValueError, TypeError, pa.ArrowException):
+                continue  # a damaged index file only costs reading the records it held
+            entries.update((r.fragment, (r, size)) for r, size in zip(records, sizes))
+        return entries
+
+    def _index_files(self) -> list[str]:
+        return sorted(n for n in self.location.list_names(INDEX_DIR) if _INDEX_FILE.match(n))
+
+    def fold(self, records: list[CommitRecord]) -> None:
+        """Add commit records to the index (one new file). When that makes more than
+        `INDEX_FILES_MAX` files, merge every entry still committed into one file and remove the
+        files it replaces. Only the holder of the output's lease folds."""
+        if records:
+            self._write_index(records)
+        names = self._index_files()
+        if len(names) <= INDEX_FILES_MAX:
+            return
+        listed = self._listed_records()
+        live = [record for fid, (record, size) in self.indexed().items() if listed.get(fid) == size]
+        self._write_index(live)
+        for name in names:
+            self.location.remove(INDEX_DIR, name)
+
+    def _write_index(self, records: list[CommitRecord]) -> None:
+        rows = [{**asdict(r), "record_bytes": len(record_bytes(r))} for r in records]
+        table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        self.location.write_bytes(sink.getvalue(), INDEX_DIR, f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
+
+
+def record_bytes(record: CommitRecord) -> bytes:
+    """A commit record as its file holds it."""
+    return json.dumps(asdict(record)).encode()
+
+
+INDEX_SCHEMA = pa.schema(
+    [(f.name, pa.list_(pa.string()) if f.name == "files" else pa.string() if f.type in ("str", "str | None")
+      else pa.int64() if f.type == "int" else pa.float64() if f.type == "float" else pa.bool_())
+     for f in fields(CommitRecord)] + [("record_bytes", pa.int64())])
 
 
 def read_json(location: Location, path: str, kind: type) -> dict | list:
@@ -231,7 +333,7 @@ def read_record(location: Location, path: str, kind: type):
 
 
 _TYPES = {"str": str, "int": int, "float": (int, float), "list[str]": list, "str | None": (str, type(None)),
-          "int | None": (int, type(None))}
+          "int | None": (int, type(None)), "bool": bool}
 
 
 def record_from(data: dict, kind: type, error):
@@ -249,7 +351,7 @@ def record_from(data: dict, kind: type, error):
                 raise error(f"its field {name!r} is missing")
             continue
         value, wanted = data[name], _TYPES.get(str(spec.type), object)
-        if isinstance(value, bool) or not isinstance(value, wanted) or \
+        if (isinstance(value, bool) and wanted is not bool) or not isinstance(value, wanted) or \
                 (spec.type == "list[str]" and not all(isinstance(item, str) for item in value)):
             raise error(f"its field {name!r} is {json.dumps(value)[:40]}, not a {spec.type}")
     return kind(**data)

@@ -15,7 +15,7 @@ from pipeline.manifest import CommitRecord, FailureRecord
 
 
 class RunMetrics:
-    def __init__(self, output_uri: str, rows_remaining: int):
+    def __init__(self, output_uri: str, bytes_remaining: int):
         from ray.util.metrics import Counter, Gauge
 
         tags = ("output",)
@@ -26,12 +26,12 @@ class RunMetrics:
         self.fragments = Counter("strata_fragments", "Fragments finished, by state (committed, failed)",
                                  tag_keys=(*tags, "state"))
         self.rate = Gauge("strata_tokens_per_second", "Tokens per second since the run started", tag_keys=tags)
-        self.remaining = Gauge("strata_rows_remaining", "Input rows not yet committed", tag_keys=tags)
+        self.remaining = Gauge("strata_bytes_remaining", "Input bytes of the shards not yet finished", tag_keys=tags)
         self.started = time.monotonic()
-        self.tokens_so_far, self.rows_remaining = 0, rows_remaining
-        self.remaining.set(rows_remaining, tags=self.tags)
+        self.tokens_so_far, self.bytes_remaining = 0, bytes_remaining
+        self.remaining.set(bytes_remaining, tags=self.tags)
 
-    def record(self, record: CommitRecord | FailureRecord) -> None:
+    def record(self, record: CommitRecord | FailureRecord, shard_size: int = 0) -> None:
         if isinstance(record, FailureRecord):
             self.fragments.inc(1, tags={**self.tags, "state": "failed"})
             return
@@ -41,6 +41,6 @@ class RunMetrics:
             if value:
                 counter.inc(value, tags=self.tags)
         self.tokens_so_far += record.embedded_tokens
-        self.rows_remaining -= record.rows
+        self.bytes_remaining -= shard_size if record.last else 0
         self.rate.set(self.tokens_so_far / max(time.monotonic() - self.started, 1e-9), tags=self.tags)
-        self.remaining.set(max(self.rows_remaining, 0), tags=self.tags)
+        self.remaining.set(max(self.bytes_remaining, 0), tags=self.tags)

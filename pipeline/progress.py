@@ -18,20 +18,24 @@ LOG_EVERY_SECONDS = 5.0
 
 
 class RunProgress:
-    def __init__(self, console: Console, total_rows: int, done_rows: int):
+    """Progress by input bytes: a shard's bytes count as done when its last fragment commits,
+    and the rows of shards still open count at the bytes per row of the finished ones (no row
+    count is known before a shard is read)."""
+
+    def __init__(self, console: Console, total_bytes: int, shards: int):
         self.console = console
-        self.total, self.done, self.done_before = total_rows, done_rows, done_rows
-        self.tokens = 0
+        self.total_bytes, self.shards = total_bytes, shards
+        self.rows = self.tokens = self.shards_done = self.bytes_done = self.rows_done = 0
         self.started = time.monotonic()
         self.last_log = 0.0
         self.bar = None
         if console.is_terminal:
             self.bar = Progress(
-                TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=console,
+                TextColumn("[bold]embedding"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                TextColumn("ETA"), TimeRemainingColumn(), console=console,
             )
-            self.task = self.bar.add_task("embed", total=total_rows, completed=done_rows, rate="")
+            self.task = self.bar.add_task("embed", total=max(total_bytes, 1), counts="", rate="")
 
     def __enter__(self) -> "RunProgress":
         if self.bar:
@@ -42,20 +46,41 @@ class RunProgress:
         if self.bar:
             self.bar.stop()
 
-    def update(self, record: CommitRecord) -> None:
-        self.done += record.rows
+    def update(self, record: CommitRecord, shard_size: int) -> None:
+        self.rows += record.rows
         self.tokens += record.embedded_tokens
+        if record.last:
+            self.shards_done += 1
+            self.bytes_done += shard_size
+            self.rows_done = self.rows  # approximately: the rows of finished shards
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = f"{self.tokens / elapsed:,.0f} tokens/s"
+        counts = f"{self.shards_done:,}/{self.shards:,} shards, {self.rows:,} rows"
+        done = self.estimate()
         if self.bar:
-            self.bar.update(self.task, completed=self.done, rate=rate)
-        elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS or self.done >= self.total:
+            self.bar.update(self.task, completed=done, counts=counts, rate=rate)
+        elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS or self.shards_done >= self.shards:
             self.last_log = time.monotonic()
-            done_here = self.done - self.done_before
-            eta = (self.total - self.done) * elapsed / done_here if done_here else float("nan")
-            self.console.print(
-                f"progress: {self.done:,}/{self.total:,} rows, {rate}, {elapsed:,.0f} s elapsed, ETA {eta:,.0f} s"
-            )
+            share = done / self.total_bytes if self.total_bytes else 1.0
+            eta = f"{elapsed * (1 - share) / share:,.0f} s" if share > 0 else "?"
+            self.console.print(f"progress: {counts} ({share:.0%} of {byte_size(self.total_bytes)}), {rate}, "
+                               f"{elapsed:,.0f} s elapsed, ETA {eta}")
+
+    def estimate(self) -> float:
+        """Input bytes done: finished shards whole, open ones by their rows."""
+        per_row = self.bytes_done / self.rows_done if self.rows_done else 0.0
+        return min(self.bytes_done + (self.rows - self.rows_done) * per_row, self.total_bytes)
+
+
+def byte_size(size: float) -> str:
+    """Bytes for people: 812 bytes, 1.4 MB, 2.1 GB (powers of 1000)."""
+    if size < 1000:
+        return f"{int(size):,} bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 1000 or unit == "TB":
+            return f"{size:,.1f} {unit}"
+    return ""
 
 
 def count_of(n: int, noun: str) -> str:

@@ -1,7 +1,7 @@
 """The Ray adapter: the plain steps of `stages.py` wired into one streaming Ray Data dataset.
 
-    from_items(shards with their pending fragments)
-      → read (CPU tasks; one payload per fragment)
+    from_arrow(the shards to read, in blocks of a few hundred small shards or one big one)
+      → read (CPU tasks; a shard streamed and cut into fragments, one payload per fragment)
       → tokenize (CPU actor pool; tokenizer loaded once per actor)
       → embed (actor pool of model replicas; GPU when present; one fragment per call)
       → write + commit (CPU tasks)
@@ -26,13 +26,14 @@ import functools
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up on raises
 
 from pipeline.config import ComputeConfig
 from pipeline.errors import StrataError, Terminated, one_line, root_cause
-from pipeline.fragments import Fragment
+from pipeline.sources import Shard
 from pipeline.incremental import DiffTask, diff_shard
 from pipeline.manifest import CommitRecord, FailureRecord
 from pipeline.model import local_model_path
@@ -46,6 +47,8 @@ DIFF_TASK_CPUS = 0.5  # reads and hashes a whole shard
 # A dead actor (killed for memory, a native crash, a lost node) is restarted and its fragment
 # retried this many times; after that the run stops with the error and a rerun resumes.
 ACTOR_RETRIES = 2
+SHARDS_PER_BLOCK = 256  # small shards read by one task, one after the other
+BLOCK_BYTES = 64 << 20  # input bytes of a block of small shards
 
 
 class StepCannotStart(StrataError):
@@ -148,17 +151,33 @@ def plan_resources(compute: ComputeConfig, available: dict[str, float]) -> Resou
     )
 
 
-def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -> Iterator[CommitRecord | FailureRecord]:
-    """Process the pending fragments; yields each commit (or failure) record as it lands."""
-    by_shard: dict[str, list[Fragment]] = {}
-    for fragment in pending:
-        by_shard.setdefault(fragment.shard.source, []).append(fragment)
-    items = [{"fragments": json.dumps([f.to_json() for f in group])} for group in by_shard.values()]
+def input_blocks(work: pa.Table) -> list[pa.Table]:
+    """Slices of the work table (a shard per row) as Ray Data's input blocks: small shards
+    grouped up to `SHARDS_PER_BLOCK` or `BLOCK_BYTES` of input, a big shard on its own, so that
+    Ray Data holds one work item per block rather than per shard."""
+    n = work.num_rows
+    if n == 0:
+        return []
+    offset = np.cumsum(work["size"].to_numpy())  # input bytes up to and including each shard
+    offset //= BLOCK_BYTES
+    new = np.empty(n, bool)  # a shard starts a block where the bytes before it cross a BLOCK_BYTES line
+    new[0], new[1:] = True, offset[:-1] != np.concatenate(([0], offset[:-2]))
+    del offset
+    new[::SHARDS_PER_BLOCK] = True
+    new |= work["size"].to_numpy() >= BLOCK_BYTES  # a big shard starts a block of its own
+    starts = np.flatnonzero(new).tolist() + [n]
+    return [work.slice(a, b - a) for a, b in zip(starts, starts[1:])]
+
+
+def run_shards(work: pa.Table, job: JobSpec, resources: Resources) -> Iterator[tuple[CommitRecord | FailureRecord, int]]:
+    """Read, embed and write the shards of `work` (`sources.SHARD_SCHEMA` plus `skip`: the
+    starting rows of fragments already committed); yields each fragment's commit (or failure)
+    record as it lands, with its shard's size in bytes."""
     if resources.object_store_memory is not None:
         options = ray.data.DataContext.get_current().execution_options
         options.resource_limits = options.resource_limits.copy(object_store_memory=resources.object_store_memory)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_read_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
+    ds = ray.data.from_arrow(input_blocks(work))
+    ds = ds.map_batches(_read_step, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job},
                         num_cpus=IO_TASK_CPUS)
     tokenize = functools.partial(_tokenizer_on_this_node, job)
     embed = functools.partial(Embed, job.embed, job.input.keep_fields, job.output_uri, job.storage)
@@ -179,7 +198,7 @@ def run_fragments(pending: list[Fragment], job: JobSpec, resources: Resources) -
             record = kind(**json.loads(row["record"]))
             if row["kind"] == "fatal":
                 raise StepCannotStart(record.reason)
-            yield record
+            yield record, row["shard_size"]
 
 
 def run_diffs(tasks: list[DiffTask], job: JobSpec) -> Iterator[dict]:
@@ -206,11 +225,11 @@ def _table(payload: dict) -> pa.Table:
 
 
 def _read_step(batch: pa.Table, job: JobSpec) -> Iterator[pa.Table]:
-    fragments = [Fragment.from_json(text) for text in json.loads(_one(batch)["fragments"])]
-    shard = fragments[0].shard
-    for payload in read_shard(shard, fragments, job.input, job.storage, job.changes_uri(shard.source),
-                              job.keep_schema):
-        yield _table(payload)
+    for row in batch.to_pylist():
+        skip = frozenset(row.pop("skip") or ())
+        shard = Shard(**{**row, "path": row["path"].decode("utf-8", "surrogateescape")})
+        for payload in read_shard(shard, job, skip):
+            yield _table(payload)
 
 
 def _actor_step(make_step, name: str):
@@ -250,6 +269,8 @@ def _tokenizer_on_this_node(job: JobSpec) -> Tokenize:
 
 
 def _write_step(batch: pa.Table, job: JobSpec) -> pa.Table:
-    record = write_fragment(_one(batch), job)
-    kind = "commit" if isinstance(record, CommitRecord) else "fatal" if _one(batch)["fatal"] else "failure"
-    return pa.table({"kind": [kind], "record": [json.dumps(asdict(record))]})
+    payload = _one(batch)
+    record = write_fragment(payload, job)
+    kind = "commit" if isinstance(record, CommitRecord) else "fatal" if payload["fatal"] else "failure"
+    size = json.loads(payload["fragment"])["shard"]["size"]
+    return pa.table({"kind": [kind], "record": [json.dumps(asdict(record))], "shard_size": [size]})

@@ -1,8 +1,11 @@
-"""The driver: resolve the config against the model and the input, plan fragments, skip the
-committed ones, run the rest through Ray, and summarize from the manifest.
+"""The driver: resolve the config against the model and the input, list the shards, skip the
+ones an earlier run finished, stream the rest through Ray, and summarize from the manifest.
 
-Driver state is O(fragments): the plan and the set of committed fragment ids. Documents only
-ever live inside the Ray stages.
+Planning is listing, nothing more: no shard is opened or counted before embedding starts. The
+read step cuts each shard into fragments as it streams it, and the driver learns a shard's
+fragments from their commit records; a shard is done when its fragments from row 0 up to the
+one marked last are committed. Driver state is the listing as an Arrow table and the commit
+records; documents only ever live inside the Ray stages.
 """
 
 from __future__ import annotations
@@ -14,27 +17,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from rich.console import Console
 
 from pipeline import faults, versions
 from pipeline.changes import KINDS
 from pipeline.config import StrataConfig, fingerprint_of, identity_changes, redacted
 from pipeline.errors import ConfigError, InputError, StrataError, root_cause
-from pipeline.fragments import Fragment, plan_fragments
+from pipeline.fragments import cut, shard_failure_id
 from pipeline.incremental import DiffTask, changes_name
 from pipeline.lease import Lease, OutputBusy
 from pipeline.manifest import (FRAGMENTS_DIR, HASHES_DIR, RUN_FILE, CommitRecord, FailureRecord, Manifest, check_output_folder,
                                check_writable)
 from pipeline.model import ModelInfo, check_model_folder, resolve_model
 from pipeline.output import file_metadata
-from pipeline.progress import RunProgress, count_of, summary_table
-from pipeline.sources import Shard, count_rows, keep_schema, list_shards
+from pipeline.progress import RunProgress, byte_size, count_of, summary_table
+from pipeline.sources import Shard, count_rows, keep_schema, shard_table, shards_of
 from pipeline.spec import EmbedSettings, ResolvedOutput, resolve_output
 from pipeline.stages import JobSpec
 from pipeline.storage import Location, open_fs, overlap
 from pipeline.tokenize import TextTokenizer
 
-COUNT_THREADS = 8
+COUNT_THREADS = 8  # shards `strata validate` reads at once
+INDEX_EVERY = 500  # commit records the driver folds into one manifest index file
 
 
 class RunFailed(StrataError):
@@ -46,20 +51,21 @@ class Plan:
     config: StrataConfig
     model: ModelInfo
     outputs: tuple[ResolvedOutput, ...]
-    fragments: list[Fragment]  # this version's own fragments (to embed, or committed by an interrupted run)
-    bad_shards: list[FailureRecord]  # shards that could not even be counted (or compared)
+    work: pa.Table  # the shards this version embeds (sources.SHARD_SCHEMA), sorted by source
+    bad_shards: list[FailureRecord]  # shards that could not be compared (incremental)
     skipped: list[str]  # files under input.uri that are not corpus files
     version: int = 1
     kind: str = "first"  # first | incremental | full (everything embedded again: the settings changed)
     reason: str = ""  # why a full re-embed
     carried: list[CommitRecord] = field(default_factory=list)  # the previous version's fragments of unchanged shards
-    shards: dict[str, str] = field(default_factory=dict)  # source -> version of every shard the version holds
+    carried_shards: dict[str, str] = field(default_factory=dict)  # source -> version of the unchanged shards
     changes: dict[str, int] | None = None  # added/changed/unchanged/deleted of the diffed shards (incremental)
     keep_schema: pa.Schema | None = None  # the output's type of each kept field, fixed for the life of the output
 
     @property
-    def total_rows(self) -> int:
-        return sum(f.rows for f in self.fragments) + sum(r.rows for r in self.carried)
+    def salt(self) -> str:
+        """What joins a shard's version in this version's fragment ids (see fragments.cut)."""
+        return f"{self.fingerprint}\0{self.version}"
 
     @property
     def identity(self) -> dict:
@@ -69,6 +75,12 @@ class Plan:
     @property
     def fingerprint(self) -> str:
         return fingerprint_of(self.identity)
+
+    def shard_versions(self) -> dict[str, str]:
+        """source -> version of every shard the version holds."""
+        held = dict(self.carried_shards)
+        held.update(zip(self.work["source"].to_pylist(), self.work["version"].to_pylist()))
+        return dict(sorted(held.items()))
 
 
 def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]]:
@@ -98,18 +110,29 @@ def check_output(config: StrataConfig) -> Location:
 
 
 def make_plan(config: StrataConfig, resolved: tuple[ModelInfo, tuple[ResolvedOutput, ...]] | None = None) -> Plan:
-    """Every shard counted and cut into fragments: the plan of a first version."""
+    """The plan of a first version: the listed shards (none opened)."""
     model, outputs = resolved or resolve(config)
     check_output(config)
     skipped: list[str] = []
-    shards = list_shards(config.input, config.storage, skipped=skipped)
-    plan = Plan(config, model, outputs, [], [], skipped)
-    plan.keep_schema = _keep_schema(plan, shards, None)
-    _count_and_cut(plan, shards)
+    work = shard_table(config.input, config.storage, skipped=skipped)
+    plan = Plan(config, model, outputs, work, [], skipped)
+    plan.keep_schema = _keep_schema(plan, None)
     return plan
 
 
-def _keep_schema(plan: Plan, shards: list[Shard], previous_run: dict | None) -> pa.Schema:
+def count_shards(plan: Plan) -> tuple[int, list[FailureRecord]]:
+    """Rows of every shard of the plan, and the shards that cannot be read: `strata validate`
+    reads every shard once; a run never does."""
+    fs, _ = open_fs(plan.config.input.uri, plan.config.storage)
+    shards = shards_of(plan.work)
+    with ThreadPoolExecutor(COUNT_THREADS) as pool:
+        counts = list(pool.map(lambda shard: _count(fs, shard), shards))
+    bad = [FailureRecord(shard_failure_id(shard.source), shard.source, reason, None)
+           for shard, reason in zip(shards, counts) if isinstance(reason, str)]
+    return sum(count for count in counts if isinstance(count, int)), bad
+
+
+def _keep_schema(plan: Plan, previous_run: dict | None) -> pa.Schema:
     """The kept fields' types an earlier run of these settings chose, else those of the first shard."""
     if previous_run and previous_run.get("fingerprint") == plan.fingerprint and previous_run.get("keep_schema"):
         try:
@@ -118,34 +141,15 @@ def _keep_schema(plan: Plan, shards: list[Shard], previous_run: dict | None) -> 
             raise InputError(f"{plan.config.output.uri}: _manifest/run.json holds a damaged keep_schema; restore the "
                              "file or use a new output.uri") from None
     fs, _ = open_fs(plan.config.input.uri, plan.config.storage)
-    return keep_schema(fs, shards, plan.config.input)
-
-
-def _count_and_cut(plan: Plan, shards: list[Shard]) -> None:
-    fs, _ = open_fs(plan.config.input.uri, plan.config.storage)
-    with ThreadPoolExecutor(COUNT_THREADS) as pool:
-        counts = list(pool.map(lambda shard: _count(fs, shard), shards))
-    good = [(shard, count) for shard, count in zip(shards, counts) if isinstance(count, int)]
-    plan.bad_shards += [FailureRecord(shard_failure_id(shard.source), shard.source, reason, None)
-                        for shard, reason in zip(shards, counts) if isinstance(reason, str)]
-    _cut(plan, good)
-
-
-def _cut(plan: Plan, good: list[tuple[Shard, int]]) -> None:
-    plan.fragments = plan_fragments(good, plan.config.batching.fragment_docs, f"{plan.fingerprint}\0{plan.version}")
-    plan.shards.update({shard.source: shard.version for shard, _ in good})
+    return keep_schema(fs, shards_of(plan.work.slice(0, 16)), plan.config.input)
 
 
 def _count(fs, shard) -> int | str:
-    """Rows of a shard, or why it cannot be read (an unreadable shard must not stop the run)."""
+    """Rows of a shard, or why it cannot be read."""
     try:
         return count_rows(fs, shard)
     except InputError as exc:
         return str(exc)
-
-
-def shard_failure_id(source: str) -> str:
-    return "shard-" + hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
 def run_record(plan: Plan) -> dict:
@@ -161,8 +165,9 @@ def run_record(plan: Plan) -> dict:
         "model": asdict(plan.model),
         "outputs": {o.name: {"layers": list(o.layers), "shape": list(o.vector_shape(hidden)),
                              "per": _unit(o, plan.config)} for o in plan.outputs},
-        "plan": {"version": plan.version, "kind": plan.kind, "fragments": len(plan.fragments) + len(plan.carried),
-                 "carried_fragments": len(plan.carried), "rows": plan.total_rows, "shards": len(plan.shards)},
+        "plan": {"version": plan.version, "kind": plan.kind, "fragments": None, "rows": None,
+                 "carried_fragments": len(plan.carried), "shards": plan.work.num_rows + len(plan.carried_shards),
+                 "shards_to_read": plan.work.num_rows, "bytes_to_read": int(pc.sum(plan.work["size"]).as_py() or 0)},
         "keep_types": {f.name: str(f.type) for f in plan.keep_schema or []},
         "keep_schema": base64.b64encode(plan.keep_schema.serialize().to_pybytes()).decode()
         if plan.keep_schema is not None else None,
@@ -205,30 +210,28 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     manifest = Manifest(location)
     current = versions.read_snapshot(location)
     skipped: list[str] = []
-    shards = list_shards(config.input, config.storage, skipped=skipped)
-    plan = Plan(config, *resolved, [], [], skipped)
+    listing = shard_table(config.input, config.storage, skipped=skipped)
+    plan = Plan(config, *resolved, listing, [], skipped)
     previous_run = manifest.read_run()
-    plan.keep_schema = _keep_schema(plan, shards, previous_run)
+    plan.keep_schema = _keep_schema(plan, previous_run)
     if config.run.mode == "once":
         manifest.check_settings(run_record(plan))
     elif previous_run and previous_run.get("fingerprint") != plan.fingerprint and \
             previous_run.get("plan", {}).get("version", 1) > (current.version if current else 0):
         _say(console, f"abandoning the unfinished version {previous_run['plan']['version']}: it was made with "
                       "other settings")
-    work, gone = _compare_with(plan, current, shards)
-    if current and not (work or gone or plan.kind == "full"):
+    gone = _compare_with(plan, current)
+    if current and not (plan.work.num_rows or gone or plan.kind == "full"):
         return _nothing_to_do(plan, current, console, started)
     if current and config.run.mode == "once":
-        changed = sorted([s.source for s in work] + gone)
+        changed = sorted(plan.work["source"].to_pylist() + gone)
         raise InputError(
             f"the input changed since version {current.version} of {config.output.uri} was published: "
             f"{count_of(len(changed), 'shard')} new, edited or deleted ({', '.join(changed[:3])}"
             f"{', ...' if len(changed) > 3 else ''}); `strata run --incremental` embeds only what changed into "
             f"version {current.version + 1}, or embed into a new output.uri")
     if plan.kind == "incremental":
-        _diff_and_cut(plan, current, work, gone, console)
-    else:
-        _count_and_cut(plan, work)
+        _diff(plan, current, gone, console)
     run_info = run_record(plan)
     manifest.begin(run_info, previous_run)
     manifest.clear_failures()  # this run retries them
@@ -238,27 +241,31 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     for failure in plan.bad_shards:
         manifest.fail(failure)
         _say(console, f"skipping shard {failure.source}: {failure.reason}")
-    committed = _clean_up(plan, manifest, console)
-    pending = [f for f in plan.fragments if f.id not in committed]
-    _say(console, _plan_line(plan, current, len(pending)))
+    own = _clean_up(plan, manifest, console)
+    todo = to_read(plan.work, own)
+    _say(console, _plan_line(plan, current, own, todo))
     this_run: list[CommitRecord] = []
     failed: list[FailureRecord] = list(plan.bad_shards)
-    if pending:
-        this_run, failed_fragments = _execute(plan, pending, manifest, console)
+    if todo.num_rows:
+        this_run, failed_fragments = _execute(plan, todo, own, manifest, console)
         failed += failed_fragments
     elif not plan.bad_shards:
         _say(console, "nothing to embed, every fragment is committed")
-    own = {r.fragment: r for r in manifest.records({f.id for f in plan.fragments} & committed) + this_run}
-    records = plan.carried + list(own.values())
-    summary = summarize(plan, records, this_run, failed, time.monotonic() - started)
-    lost = _lost_files(manifest, records) if not failed and len(own) == len(plan.fragments) else []
-    if not failed and len(own) == len(plan.fragments) and not lost:
+    mine = {r.fragment: r for r in own + this_run}
+    open_shards = unfinished(plan.work, list(mine.values()))
+    records = plan.carried + list(mine.values())
+    summary = summarize(plan, records, this_run, failed, time.monotonic() - started, complete=not open_shards)
+    lost = _lost_files(manifest, records) if not failed and not open_shards else []
+    if not failed and not open_shards and not lost:
         versions.publish(location, _snapshot(plan, records))
         summary["published"] = True
         _say(console, f"published version {plan.version} of {config.output.uri}")
     elif not failed and not lost:  # records vanished under the run: say so rather than publish less
-        _say(console, f"version {plan.version} is not published: {len(own)} of "
-                      f"{len(plan.fragments)} fragments are committed; rerun to finish it")
+        _say(console, f"version {plan.version} is not published: {count_of(len(open_shards), 'shard')} "
+                      f"({open_shards[0]}{', ...' if len(open_shards) > 1 else ''}) lack committed fragments; "
+                      "rerun to finish it")
+    run_info["plan"].update(fragments=len(records) if not open_shards else None,
+                            rows=sum(r.rows for r in records) if not open_shards else None)
     manifest.write_run({**run_info, "summary": summary})
     console.print(summary_table(summary))
     if lost:
@@ -289,29 +296,34 @@ def _lost_files(manifest: Manifest, records: list[CommitRecord]) -> list[str]:
     return sorted(path for record in records for path in _files_of(record) if path not in present)
 
 
-def _compare_with(plan: Plan, current: versions.Snapshot | None, shards: list[Shard]) -> tuple[list[Shard], list[str]]:
-    """Sets the plan's version, kind and carried fragments against the current version; returns
-    the shards to embed (new or changed; all of them without a comparable version) and the
+def _compare_with(plan: Plan, current: versions.Snapshot | None) -> list[str]:
+    """Sets the plan's version, kind, carried fragments and work (the shards to embed: new or
+    changed; all of them without a comparable version) against the current version; returns the
     sources of the current version that are gone from the input."""
     if current is None:
-        return shards, []
+        return []
     plan.version = current.version + 1
     if current.fingerprint != plan.fingerprint:
         plan.kind = "full"
         changes = identity_changes(current.identity, plan.identity)[:3]
         plan.reason = "the settings changed: " + ("; ".join(changes) or f"fingerprint {current.fingerprint}")
-        return shards, []
+        return []
     plan.kind = "incremental"
-    unchanged = {s.source for s in shards if s.version and current.shards.get(s.source) == s.version}
-    plan.carried = [r for r in current.fragments if r.source in unchanged]
-    plan.shards = {source: current.shards[source] for source in unchanged}
-    listed = {s.source for s in shards}
-    return [s for s in shards if s.source not in unchanged], sorted(set(current.shards) - listed)
+    held = pa.table({"source": pa.array(list(current.shards), pa.string()),
+                     "held": pa.array(list(current.shards.values()), pa.string())})
+    listed = plan.work.select(["source", "version"]).join(held, "source", join_type="left outer")
+    same = pc.and_(pc.not_equal(listed["version"], ""),
+                   pc.fill_null(pc.equal(listed["version"], listed["held"]), False))
+    unchanged = pa.array(sorted(listed["source"].filter(same).to_pylist()), pa.string())
+    plan.carried_shards = {source: current.shards[source] for source in unchanged.to_pylist()}
+    plan.carried = [r for r in current.fragments if r.source in plan.carried_shards]
+    plan.work = plan.work.filter(pc.invert(pc.is_in(plan.work["source"], unchanged)))
+    return sorted(set(current.shards) - set(listed["source"].to_pylist()))
 
 
-def _diff_and_cut(plan: Plan, current: versions.Snapshot, work: list[Shard], gone: list[str], console: Console) -> None:
+def _diff(plan: Plan, current: versions.Snapshot, gone: list[str], console: Console) -> None:
     """Diff every new, changed or deleted shard against the current version (Ray tasks, one per
-    shard), then cut the shards that are still there into this version's fragments."""
+    shard); a shard that cannot be compared leaves the work with its failure."""
     from pipeline import ray_pipeline
 
     old = {}
@@ -319,53 +331,110 @@ def _diff_and_cut(plan: Plan, current: versions.Snapshot, work: list[Shard], gon
         old.setdefault(record.source, []).append(record.fragment)
     folder = versions.changes_dir(plan.version)
     tasks = [DiffTask(source, shard, tuple(old.get(source, ())), f"{folder}/{changes_name(source)}")
-             for source, shard in [(s.source, s) for s in work] + [(source, None) for source in gone]]
+             for source, shard in [(s.source, s) for s in shards_of(plan.work)] + [(source, None) for source in gone]]
+    totals = {kind: 0 for kind in KINDS}
+    plan.changes = totals
     if not tasks:
-        plan.changes = {kind: 0 for kind in KINDS}
         return
     ray_pipeline.ensure_ray()
     _say(console, f"comparing {count_of(len(tasks), 'shard')} with version {current.version}")
-    by_source = {s.source: s for s in work}
-    totals = {kind: 0 for kind in KINDS}
-    good = []
+    failed = []
     for result in ray_pipeline.run_diffs(tasks, _job(plan)):
         if result["error"]:
             plan.bad_shards.append(FailureRecord(shard_failure_id(result["source"]), result["source"],
                                                  result["error"], None))
+            failed.append(result["source"])
             continue
         for kind in KINDS:
             totals[kind] += result[kind]
-        if result["source"] in by_source:
-            good.append((by_source[result["source"]], result["rows"]))
-    plan.changes = totals
-    _cut(plan, sorted(good, key=lambda pair: pair[0].source))
+    plan.work = plan.work.filter(pc.invert(pc.is_in(plan.work["source"], pa.array(failed, pa.string()))))
 
 
-def _clean_up(plan: Plan, manifest: Manifest, console: Console) -> set[str]:
+def own_records(plan: Plan, records: list[CommitRecord]) -> list[CommitRecord]:
+    """The records that are fragments of this plan: of a shard it reads, cut from the same shard
+    version with the same settings and output version (their ids say so)."""
+    if not records or not plan.work.num_rows:
+        return []
+    table = pa.table({"i": pa.array(range(len(records)), pa.int64()),
+                      "source": pa.array([r.source for r in records], pa.string()),
+                      "version": pa.array([r.shard_version for r in records], pa.string())})
+    matched = table.join(plan.work.select(["source", "version"]), ["source", "version"], join_type="inner")
+    candidates = [records[i] for i in sorted(matched["i"].to_pylist())]
+    return [r for r in candidates
+            if r.fragment == cut(Shard("", r.source, "", None, 0, r.shard_version), r.start, r.end, r.last, plan.salt).id]
+
+
+def finished(records: list[CommitRecord]) -> set[str]:
+    """The shards that their committed fragments cover: every fragment from row 0 up to the one
+    marked last is committed."""
+    by_source: dict[str, list[CommitRecord]] = {}
+    for record in records:
+        by_source.setdefault(record.source, []).append(record)
+    done = set()
+    for source, group in by_source.items():
+        group.sort(key=lambda r: r.start)
+        if group[0].start == 0 and group[-1].last and all(a.end == b.start for a, b in zip(group, group[1:])):
+            done.add(source)
+    return done
+
+
+def unfinished(work: pa.Table, records: list[CommitRecord]) -> list[str]:
+    """The shards of `work` (sorted sources) that `records` do not cover yet."""
+    done = pa.array(sorted(finished(records)), pa.string())
+    return work["source"].filter(pc.invert(pc.is_in(work["source"], done))).to_pylist()
+
+
+def to_read(work: pa.Table, own: list[CommitRecord]) -> pa.Table:
+    """The shards of `work` still to read, with `skip`: the starting rows of their fragments
+    committed already (a shard whose fragments are all committed is left out). Arrow kernels
+    over the listing; Python only over the records."""
+    done = finished(own)
+    todo = work.filter(pc.invert(pc.is_in(work["source"], pa.array(sorted(done), pa.string())))) if done else work
+    starts: dict[str, list[int]] = {}
+    for record in own:
+        if record.source not in done:
+            starts.setdefault(record.source, []).append(record.start)
+    if not starts:
+        return todo.append_column("skip", pa.nulls(todo.num_rows, pa.list_(pa.int64())))
+    partial = pa.table({"source": pa.array(list(starts), pa.string()), "k": pa.array(range(len(starts)), pa.int64())})
+    todo = todo.join(partial, "source", join_type="left outer")  # Acero joins no list columns: join an index
+    todo = todo.take(pc.sort_indices(todo["source"]))
+    skip = pa.array([sorted(v) for v in starts.values()], pa.list_(pa.int64())).take(todo["k"])
+    return todo.drop_columns(["k"]).append_column("skip", skip)
+
+
+def _clean_up(plan: Plan, manifest: Manifest, console: Console) -> list[CommitRecord]:
     """Remove what an interrupted run left: files without a commit record, and committed fragments
-    that neither this plan nor any published version lists (an abandoned unfinished version's, or
-    a shard's that changed again before its version was published). Returns the committed ids."""
+    that neither this plan nor any published version holds (an abandoned unfinished version's, or
+    a shard's that changed again before its version was published). Returns this plan's
+    fragments that earlier runs committed."""
     removed = manifest.remove_unfinished()
     if removed:
         _say(console, f"removed {count_of(len(removed), 'file')} an interrupted run left without a commit record")
-    committed = manifest.committed()
-    listed = {f.id for f in plan.fragments}
+    read_one_by_one: list[CommitRecord] = []
+    records = manifest.records(unindexed=read_one_by_one)
+    own = own_records(plan, records)
+    listed = {r.fragment for r in own}
     for snapshot in versions.all_snapshots(manifest.location):
         listed |= {r.fragment for r in snapshot.fragments}
     unreadable = {failure.source for failure in plan.bad_shards}  # may read fine tomorrow: keep their work
-    abandoned = [r for r in manifest.records(committed - listed) if r.source not in unreadable]
+    abandoned = [r for r in records if r.fragment not in listed and r.source not in unreadable]
     if abandoned:
         manifest.remove_fragments(abandoned)
         _say(console, f"removed {count_of(len(abandoned), 'fragment')} of an unfinished version that no longer "
                       "matches the input or settings")
-    return committed - {r.fragment for r in abandoned}
+    gone = {r.fragment for r in abandoned}
+    manifest.fold([r for r in read_one_by_one if r.fragment not in gone])
+    return own
 
 
-def _plan_line(plan: Plan, current: versions.Snapshot | None, pending: int) -> str:
-    total = len(plan.fragments) + len(plan.carried)
-    line = (f"version {plan.version}: {total} fragments over {len(plan.shards)} shards ({plan.total_rows:,} rows); "
-            + (f"{len(plan.carried)} carried from version {current.version}, " if plan.carried else "")
-            + f"{len(plan.fragments) - pending} already committed, {pending} to do")
+def _plan_line(plan: Plan, current: versions.Snapshot | None, own: list[CommitRecord], todo: pa.Table) -> str:
+    shards = plan.work.num_rows + len(plan.carried_shards)
+    line = (f"version {plan.version}: {count_of(shards, 'shard')}; "
+            + (f"{count_of(len(plan.carried), 'fragment')} carried from version {current.version}, "
+               if plan.carried else "")
+            + (f"{count_of(len(own), 'fragment')} already committed, " if own else "")
+            + f"{count_of(todo.num_rows, 'shard')} ({byte_size(int(pc.sum(todo['size']).as_py() or 0))}) to read")
     if plan.kind == "full":
         line += f"; embedding every document again: {plan.reason}"
     elif plan.changes is not None:
@@ -377,8 +446,8 @@ def _plan_line(plan: Plan, current: versions.Snapshot | None, pending: int) -> s
 
 def _nothing_to_do(plan: Plan, current: versions.Snapshot, console: Console, started: float) -> dict:
     _say(console, f"version {current.version} is current: no shard changed since it was published; nothing to do")
-    plan.version, plan.carried, plan.shards = current.version, current.fragments, current.shards
-    summary = summarize(plan, current.fragments, [], [], time.monotonic() - started)
+    plan.version, plan.carried = current.version, current.fragments
+    summary = summarize(plan, current.fragments, [], [], time.monotonic() - started, complete=True)
     summary.update(added=0, changed=0, deleted=0, carried=summary["docs"])
     console.print(summary_table(summary))
     return summary
@@ -395,7 +464,7 @@ def _snapshot(plan: Plan, records: list[CommitRecord]) -> versions.Snapshot:
         changes = {"added": docs, "changed": 0, "deleted": 0}
     counts = {"docs": docs, "embedded": embedded, **changes, "carried": docs - embedded,
               **{key: sum(getattr(r, key) for r in records) for key in ("quarantined", "blank", "rows", "tokens")}}
-    return versions.Snapshot(plan.version, plan.fingerprint, plan.kind, counts, dict(sorted(plan.shards.items())),
+    return versions.Snapshot(plan.version, plan.fingerprint, plan.kind, counts, plan.shard_versions(),
                              sorted(records, key=lambda r: r.fragment), reason=plan.reason, identity=plan.identity)
 
 
@@ -409,10 +478,10 @@ def _job(plan: Plan, cpu_threads: int | None = None) -> JobSpec:
     return JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
                    stride=long_text.window_stride, storage=plan.config.storage, version=plan.version,
                    changes_dir=versions.changes_dir(plan.version) if plan.changes is not None else None,
-                   keep_schema=plan.keep_schema)
+                   keep_schema=plan.keep_schema, fragment_docs=plan.config.batching.fragment_docs, salt=plan.salt)
 
 
-def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
+def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Manifest,
              console: Console) -> tuple[list[CommitRecord], list[FailureRecord]]:
     from pipeline import ray_pipeline
     from pipeline.metrics import RunMetrics
@@ -425,62 +494,77 @@ def _execute(plan: Plan, pending: list[Fragment], manifest: Manifest,
         waiting = " (no GPU in the cluster yet: waiting for the autoscaler to add GPU nodes)"
     console.print(f"strata: {resources.describe()}{waiting}", markup=False, highlight=False)
     job = _job(plan, resources.cpu_threads)
-    done_rows = plan.total_rows - sum(f.rows for f in pending)
-    records, failures = [], []
-    remaining = pending
-    metrics = RunMetrics(plan.config.output.uri, plan.total_rows - done_rows)
-    with RunProgress(console, plan.total_rows, done_rows) as progress:
-        while remaining:
+    records: list[CommitRecord] = []
+    failures: list[FailureRecord] = []
+    unfolded: list[CommitRecord] = []
+    remaining = todo
+    metrics = RunMetrics(plan.config.output.uri, int(pc.sum(todo["size"]).as_py() or 0))
+    with RunProgress(console, int(pc.sum(todo["size"]).as_py() or 0), todo.num_rows) as progress:
+        while remaining.num_rows:
             try:
-                for record in ray_pipeline.run_fragments(remaining, job, resources):
-                    metrics.record(record)
+                for record, shard_size in ray_pipeline.run_shards(remaining, job, resources):
+                    metrics.record(record, shard_size)
                     if isinstance(record, FailureRecord):
                         failures.append(record)
-                        console.print(f"strata: fragment {record.fragment} failed: {record.reason}", markup=False,
-                                      highlight=False)
-                    else:
-                        records.append(record)
-                        progress.update(record)
-                        faults.maybe_kill("run", len(records))
-                remaining = []
+                        what = f"fragment {record.fragment}" if record.rows is not None else f"shard {record.source}"
+                        console.print(f"strata: {what} failed: {record.reason}", markup=False, highlight=False)
+                        continue
+                    records.append(record)
+                    unfolded.append(record)
+                    progress.update(record, shard_size)
+                    if len(unfolded) >= INDEX_EVERY:
+                        manifest.fold(unfolded)
+                        unfolded = []
+                    faults.maybe_kill("run", len(records))
+                remaining = remaining.slice(0, 0)
             except ray_pipeline.StepCannotStart as exc:
                 raise RunFailed(f"{exc}; nothing more can be embedded until that is fixed (committed fragments are "
                                 "kept: rerun once it is)") from None
             except ray_pipeline.RayError as exc:
-                remaining = _after_worker_deaths(manifest, remaining, records, failures, exc, console)
+                remaining = _after_worker_deaths(plan, manifest, remaining, own + records, failures, exc, console)
+    manifest.fold(unfolded)
     manifest.clear_attempts()
     return records, failures
 
 
-def _after_worker_deaths(manifest: Manifest, remaining: list[Fragment], records: list[CommitRecord],
-                         failures: list[FailureRecord], exc: Exception, console: Console) -> list[Fragment]:
+def _after_worker_deaths(plan: Plan, manifest: Manifest, remaining: pa.Table, done: list[CommitRecord],
+                         failures: list[FailureRecord], exc: Exception, console: Console) -> pa.Table:
     """Ray gave up on a worker that kept dying. A fragment that started embedding more often than
-    Ray retries is what kills it: record it as failed, then go on with the rest."""
+    Ray retries is what kills it: record it as failed (its shard stays unfinished, the rest of
+    the shard is still read), then go on. Returns the shards still to read, with what to skip."""
     from pipeline.ray_pipeline import ACTOR_RETRIES
 
     cause = root_cause(exc)
-    done = manifest.committed() | {f.fragment for f in failures}
-    attempts = manifest.attempts()
-    poisoned = [f for f in remaining if f.id not in done and attempts.get(f.id, 0) > ACTOR_RETRIES]
+    committed = manifest.committed()
+    known = {f.fragment for f in failures}
+    poisoned = {fid: n for fid, n in manifest.attempts().items()
+                if fid not in committed and fid not in known and n > ACTOR_RETRIES}
     if not poisoned:
-        raise RunFailed(f"the run stopped after {len(records)} fragments: {cause}; committed fragments are kept, "
+        raise RunFailed(f"the run stopped after {len(done)} fragments: {cause}; committed fragments are kept, "
                         "rerun the same command to resume")
-    for fragment in poisoned:
-        failure = FailureRecord(fragment.id, fragment.shard.source, f"its worker process died "
-                                f"{attempts[fragment.id]} times while embedding it (killed for memory, or a crash "
-                                f"in native code): {cause}", fragment.rows)
+    skip: dict[str, set[int]] = {}
+    for fragment, times in sorted(poisoned.items()):
+        where = manifest.attempt(fragment)
+        source, start = str(where.get("source", "?")), where.get("start")
+        failure = FailureRecord(fragment, source, f"its worker process died {times} times while embedding it "
+                                f"(killed for memory, or a crash in native code): {cause}", int(where.get("rows", 0)))
         manifest.fail(failure)
         failures.append(failure)
-        console.print(f"strata: fragment {fragment.id} failed: {failure.reason}", markup=False, highlight=False)
-    return [f for f in remaining if f.id not in done and f not in poisoned]
+        if isinstance(start, int):
+            skip.setdefault(source, set()).add(start)
+        console.print(f"strata: fragment {fragment} failed: {failure.reason}", markup=False, highlight=False)
+    landed = {r.fragment for r in done}
+    mine = done + own_records(plan, manifest.records(committed - landed))
+    left = to_read(remaining.drop_columns(["skip"]), mine).to_pylist()
+    for row in left:  # the rest of a shard is still embedded; the shard stays unfinished, its version unpublished
+        row["skip"] = sorted(set(row["skip"] or ()) | skip.get(row["source"], set()))
+    return pa.Table.from_pylist(left, schema=remaining.schema)
 
 
 def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitRecord], failed: list[FailureRecord],
-              wall: float) -> dict:
+              wall: float, complete: bool = False) -> dict:
     """Totals of the version as far as it is done (`records`: its committed and carried fragments),
-    and what this run did."""
-    planned = {f.id for f in plan.fragments} | {r.fragment for r in plan.carried}
-    done = [r for r in records if r.fragment in planned]
+    and what this run did. The number of fragments is known once every shard is read (`complete`)."""
     run_tokens = sum(r.embedded_tokens for r in this_run)
     run_docs = sum(r.embedded for r in this_run)
     padded = sum(r.padded_tokens for r in this_run)
@@ -488,15 +572,15 @@ def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitReco
     return {
         "version": plan.version,
         "published": False,
-        "fragments": f"{len(done)} / {len(planned)}",
-        "docs": sum(r.docs for r in done),
-        "quarantined": sum(r.quarantined for r in done),
-        "blank": sum(r.blank for r in done),
-        "tokens": sum(r.tokens for r in done),
+        "fragments": f"{len(records)} / {len(records) if complete else '?'}",
+        "docs": sum(r.docs for r in records),
+        "quarantined": sum(r.quarantined for r in records),
+        "blank": sum(r.blank for r in records),
+        "tokens": sum(r.tokens for r in records),
         "added": changes.get("added"),
         "changed": changes.get("changed"),
         "deleted": changes.get("deleted"),
-        "carried": (sum(r.carried for r in done if r.version == plan.version) + sum(r.docs for r in plan.carried)
+        "carried": (sum(r.carried for r in records if r.version == plan.version) + sum(r.docs for r in plan.carried)
                     if plan.changes is not None else None),
         "failed_fragments": sum(1 for f in failed if f.rows is not None),
         "failed_shards": sum(1 for f in failed if f.rows is None),

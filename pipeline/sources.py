@@ -16,7 +16,7 @@ import posixpath
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -31,6 +31,7 @@ from pipeline.storage import open_fs
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 QUARANTINE_TEXT_CHARS = 200
+LISTING_PAGE = 100_000  # listed files turned into Arrow at a time
 _VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f]")  # a character a tokenizer does not strip away
 
 
@@ -68,10 +69,28 @@ def detect_format(name: str, declared: str) -> tuple[str | None, str | None]:
     return fmt, compression
 
 
+_WORD = pa.dictionary(pa.int8(), pa.string())  # a few distinct values: one byte per shard
+SHARD_SCHEMA = pa.schema([("path", pa.binary()), ("source", pa.string()), ("format", _WORD),
+                          ("compression", _WORD), ("size", pa.int64()), ("version", pa.string())])
+
+
 def list_shards(cfg: InputConfig, storage: StorageConfig | None = None,
                 skipped: list[str] | None = None) -> list[Shard]:
-    """Every corpus file under input.uri (a file, a folder/prefix, or a glob), sorted by source.
-    Files that are not corpus files are left out; their names go to `skipped` when given."""
+    """Every corpus file under input.uri as a `Shard`, sorted by source (see `shard_table`).
+    For a few shards (tests, `strata search`); the driver of a run keeps the table."""
+    return shards_of(shard_table(cfg, storage, skipped))
+
+
+def shards_of(table: pa.Table) -> list[Shard]:
+    return [Shard(**{**row, "path": row["path"].decode("utf-8", "surrogateescape")}) for row in table.to_pylist()]
+
+
+def shard_table(cfg: InputConfig, storage: StorageConfig | None = None,
+                skipped: list[str] | None = None) -> pa.Table:
+    """Every corpus file under input.uri (a file, a folder/prefix, or a glob), one row each
+    (`SHARD_SCHEMA`: path as the file system's bytes, source, format, compression, size, version),
+    sorted by source. Files that are not corpus files are left out; their names go to `skipped`
+    when given. Listing is all it does: no file is opened."""
     try:
         fs, path = open_fs(cfg.uri, storage)
         infos, base = _list(fs, path.rstrip("/") or "/")
@@ -79,28 +98,99 @@ def list_shards(cfg: InputConfig, storage: StorageConfig | None = None,
         raise InputError(f"cannot list input.uri {cfg.uri!r}: {one_line(exc)}") from None
     if infos is None:
         raise InputError(f"input.uri {cfg.uri!r} does not exist (no such file, folder or prefix)")
-    shards = []
     local = isinstance(fs, LocalFileSystem)
-    for info in infos:
-        name = info["name"]
-        kind = _local_kind(name) if local else info.get("type")
-        if kind == "directory":
-            continue
-        rel = posixpath.relpath(name, base) if base not in ("", ".") else name
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
-            continue  # hidden files, _SUCCESS markers, ...
-        fmt, compression = detect_format(name, cfg.format)
-        if fmt is None or kind == "other":
-            if skipped is not None:
-                skipped.append(printable(rel) + (" (not a regular file)" if fmt and kind == "other" else ""))
-            continue
-        shards.append(Shard(name, printable(rel), fmt, compression, int(info.get("size") or 0), file_version(info)))
-    if not shards:
+    pages = ([[info["name"] for info in page], [int(info.get("size") or 0) for info in page],
+              [file_version(info) for info in page],
+              [_local_kind(info["name"]) if local else info.get("type") or "file" for info in page]]
+             for page in (infos[i:i + LISTING_PAGE] for i in range(0, len(infos), LISTING_PAGE)))
+    table = select_listing(pages, base, cfg.format, skipped)
+    if not table.num_rows:
         raise InputError(
             f"input.uri {cfg.uri!r} holds no corpus files (.jsonl[.gz|.zst], .parquet, .txt); "
             "check the path or set input.format"
         )
-    return sorted(shards, key=lambda s: s.source)
+    return table
+
+
+def select_listing(pages: Iterable[list[list]], base: str, declared: str = "auto",
+                   skipped: list[str] | None = None) -> pa.Table:
+    """`select_shards` over a listing that comes in pages ([names, sizes, versions, kinds]
+    each), as object stores list (1,000 keys a request): Python objects live one page at a time,
+    the result is one Arrow table sorted by source."""
+    table = pa.concat_tables([select_shards(*page, base, declared, skipped) for page in pages] or
+                             [SHARD_SCHEMA.empty_table()])
+    return table if is_sorted(table["source"]) else table.take(pc.sort_indices(table["source"]))
+
+
+def is_sorted(values: pa.ChunkedArray) -> bool:
+    """Whether strings are in ascending order (listings mostly are: no copy to sort them then)."""
+    chunks = [c for c in (values.chunks if isinstance(values, pa.ChunkedArray) else [values]) if len(c)]
+    for i, chunk in enumerate(chunks):
+        n = len(chunk)
+        if n > 1 and pc.all(pc.less_equal(chunk.slice(0, n - 1), chunk.slice(1))).as_py() is False:
+            return False
+        if i and chunks[i - 1][-1].as_py() > chunk[0].as_py():
+            return False
+    return True
+
+
+def select_shards(names: list[str], sizes: list[int], versions: list[str], kinds: list[str], base: str,
+                  declared: str = "auto", skipped: list[str] | None = None) -> pa.Table:
+    """The corpus files of a listing as a `SHARD_SCHEMA` table (in listing order), with Arrow
+    kernels rather than a Python object per file (a listing may hold 10^7 files). `kinds`:
+    file | directory | other (not a regular file) | missing; `base`: the folder sources are
+    relative to. Hidden files and folders (`.x`, `_x`) are left out silently, other files that
+    are not corpus files go to `skipped`."""
+    try:
+        name = pa.array(names, pa.string())
+        source = name if base in ("", ".") else _relative(name, base)
+        path = name.cast(pa.binary())
+    except UnicodeEncodeError:  # a local name that is not UTF-8: kept as bytes to open, shown escaped
+        path = pa.array([n.encode("utf-8", "surrogateescape") for n in names], pa.binary())
+        source = pa.array([printable(n if base in ("", ".") else posixpath.relpath(n, base)) for n in names])
+    kind = pa.array(kinds, pa.string())
+    fmt, compression = _formats(pc.utf8_lower(source), declared)
+    listed = pc.and_(pc.not_equal(kind, "directory"),
+                     pc.invert(pc.match_substring_regex(source, r"(^|/)[._]")))
+    wanted = pc.and_(pc.and_(listed, pc.is_valid(fmt)), pc.not_equal(kind, "other"))
+    if skipped is not None:
+        rest = pc.and_(listed, pc.invert(wanted))
+        regular = pc.fill_null(pc.is_null(fmt), True)
+        for rel, plain in zip(source.filter(rest).to_pylist(), regular.filter(rest).to_pylist()):
+            skipped.append(rel + ("" if plain else " (not a regular file)"))
+    return pa.table({"path": path, "source": source, "format": fmt.dictionary_encode().cast(_WORD),
+                     "compression": compression.dictionary_encode().cast(_WORD),
+                     "size": pa.array(sizes, pa.int64()), "version": pa.array(versions, pa.string())},
+                    schema=SHARD_SCHEMA).filter(wanted)
+
+
+def _suffix(names: pa.Array, pattern: str) -> pa.Array:
+    """The group `s` of `pattern` in each name; null where it does not match."""
+    found = pc.extract_regex(names, pattern)
+    return pc.if_else(pc.is_valid(found), found.field("s"), pa.scalar(None, pa.string()))
+
+
+def _relative(name: pa.Array, base: str) -> pa.Array:
+    prefix = base.rstrip("/") + "/"
+    if pc.all(pc.starts_with(name, prefix)).as_py() is not False:
+        return pc.utf8_slice_codeunits(name, len(prefix))
+    return pa.array([posixpath.relpath(n, base) for n in name.to_pylist()], pa.string())
+
+
+def _formats(lower: pa.Array, declared: str) -> tuple[pa.Array, pa.Array]:
+    """(format, compression) per file name as `detect_format` decides them; format null = skip."""
+    compression = _suffix(lower, r"(?P<s>\.(?:gz|zst|zstd))$")
+    compressed = pc.is_valid(compression)
+    stem = pc.if_else(compressed, pc.replace_substring_regex(lower, r"\.(gz|zst|zstd)$", ""), lower)
+    extension = _suffix(stem, r"[^/](?P<s>\.[^/.]*)$")
+    keys = list(FORMATS)
+    if declared == "auto":
+        fmt = pa.array([FORMATS[k] for k in keys]).take(pc.index_in(extension, pa.array(keys)))
+    else:
+        fmt = pa.array([declared] * len(lower), pa.string())
+    fmt = pc.if_else(pc.and_(pc.equal(fmt, "parquet"), compressed), pa.scalar(None, pa.string()), fmt)
+    compression = pa.array(list(COMPRESSIONS.values())).take(pc.index_in(compression, pa.array(list(COMPRESSIONS))))
+    return fmt, compression
 
 
 def _local_kind(path: str) -> str:
@@ -237,6 +327,42 @@ def read_ranges(
     records.close()
 
 
+def read_fragments(
+    fs: fsspec.AbstractFileSystem, shard: Shard, fragment_rows: int, cfg: InputConfig,
+    kept: pa.Schema | None = None, skip: frozenset[int] = frozenset(),
+) -> Iterator[tuple[int, int, bool, FragmentRows | None]]:
+    """Stream a shard once, cut into consecutive row ranges of `fragment_rows` rows as it goes:
+    yields (start, end, last, rows) for every range, `last` true for the range the shard ends in
+    (an empty shard has one, [0, 0)). No count beforehand: a range is known to be the last when
+    the rows after it run out. A range whose start is in `skip` is stepped over unparsed (rows None).
+    Raises InputError naming the shard (and the rows read before) when it cannot be read."""
+    kept_types = {name: pa.string() for name in cfg.keep_fields}
+    kept_types.update({f.name: f.type for f in kept or []})
+    start, records = 0, None
+    try:
+        records = _parquet_records(fs, shard, cfg, None) if shard.format == "parquet" else _line_records(fs, shard)
+        upcoming = next(records, None)
+        while True:
+            builder = None if start in skip else _Builder(shard, cfg, kept_types)
+            end = start
+            while upcoming is not None and upcoming[0] < start + fragment_rows:
+                if builder is not None:
+                    builder.add(*upcoming)
+                end = upcoming[0] + 1
+                upcoming = next(records, None)
+            last = upcoming is None
+            yield start, end, last, None if builder is None else builder.finish()
+            if last:
+                return
+            start = end
+    except Exception as exc:  # noqa: BLE001 - a truncated or vanished file, a corrupt footer, ...
+        where = f" after row {start:,}" if start else ""
+        raise InputError(f"cannot read shard {shard.source}{where}: {exc if isinstance(exc, InputError) else one_line(exc)}") from None
+    finally:
+        if records is not None:
+            records.close()
+
+
 def texts_at(cfg: InputConfig, wanted: list[tuple[str, int, str]], storage: StorageConfig | None = None
              ) -> dict[tuple[str, int], str]:
     """The texts at (source, row) that still hold document `id`, reading each shard once; a row
@@ -296,7 +422,7 @@ def _parse_json_line(line: bytes) -> object:
     return record
 
 
-def _parquet_records(fs, shard: Shard, cfg: InputConfig, stop: int) -> Iterator[tuple[int, object]]:
+def _parquet_records(fs, shard: Shard, cfg: InputConfig, stop: int | None) -> Iterator[tuple[int, object]]:
     with fs.open(shard.path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
@@ -308,7 +434,7 @@ def _parquet_records(fs, shard: Shard, cfg: InputConfig, stop: int) -> Iterator[
             for record in _batch_records(batch):
                 yield row, record
                 row += 1
-            if row >= stop:
+            if stop is not None and row >= stop:
                 return
 
 

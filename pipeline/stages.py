@@ -26,14 +26,14 @@ import pyarrow.compute as pc
 
 from pipeline import faults
 from pipeline.config import InputConfig, StorageConfig
-from pipeline.fragments import Fragment, table_from_bytes, table_to_bytes
-from pipeline.errors import StrataError, one_line
+from pipeline.fragments import Fragment, cut, shard_failure_id, table_from_bytes, table_to_bytes
+from pipeline.errors import InputError, StrataError, one_line
 from pipeline.changes import content_hashes, index_table
 from pipeline.incremental import carried_rows, changes_name, read_changes, split_by_changes
 from pipeline.manifest import HASHES_DIR, CommitRecord, FailureRecord, Manifest
 from pipeline.model import local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
-from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_ranges
+from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_fragments
 from pipeline.spec import EmbedSettings
 from pipeline.storage import Location, open_fs
 from pipeline.tokenize import TextTokenizer, TokenWindows
@@ -53,6 +53,8 @@ class JobSpec:
     version: int = 1  # the output version being made
     changes_dir: str | None = None  # where the changed shards' diffs are (incremental versions only)
     keep_schema: pa.Schema | None = None  # the output's type of each kept field (sources.keep_schema)
+    fragment_docs: int = 4096  # rows per fragment (batching.fragment_docs)
+    salt: str = ""  # what joins each shard's version in fragment ids: settings fingerprint and version
 
     def changes_uri(self, source: str) -> str | None:
         if self.changes_dir is None:
@@ -60,17 +62,23 @@ class JobSpec:
         return Location.from_uri(self.output_uri, self.storage).uri(self.changes_dir, changes_name(source))
 
 
-def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig, storage: StorageConfig | None = None,
-               changes_uri: str | None = None, kept: pa.Schema | None = None) -> Iterator[dict]:
-    """One payload per fragment of this shard, reading the shard once. If the shard breaks off
-    (a truncated gzip, a vanished file), the fragments not yet read carry the error instead.
-    With the shard's changes, only its added and changed documents go on to be embedded."""
-    fs, _ = open_fs(cfg.uri, storage)
-    fragments = sorted(fragments, key=lambda f: f.start)
-    started, done = time.time(), 0
+def read_shard(shard: Shard, job: "JobSpec", skip: frozenset[int] = frozenset()) -> Iterator[dict]:
+    """One payload per fragment of this shard, cut as the shard streams by (`sources.read_fragments`);
+    fragments starting at a row in `skip` (committed by an earlier run) are stepped over. If the
+    shard cannot be read, or breaks off (a truncated gzip, a vanished file), one payload carries
+    the error for the rest of the shard. With the shard's changes, only its added and changed
+    documents go on to be embedded."""
+    cfg = job.input
+    started = time.time()
+    fragment = cut(shard, 0, 0, False, job.salt)
     try:
-        changes = read_changes(changes_uri, storage) if changes_uri else None
-        for fragment, rows in zip(fragments, read_ranges(fs, shard, [(f.start, f.end) for f in fragments], cfg, kept)):
+        fs, _ = open_fs(cfg.uri, job.storage)
+        changes_uri = job.changes_uri(shard.source)
+        changes = read_changes(changes_uri, job.storage) if changes_uri else None
+        for start, end, last, rows in read_fragments(fs, shard, job.fragment_docs, cfg, job.keep_schema, skip):
+            fragment = cut(shard, start, end, last, job.salt)
+            if rows is None:
+                continue
             hashes = content_hashes(rows.docs, cfg.keep_fields)
             docs, carry = rows.docs, b""
             if changes is not None:
@@ -79,10 +87,11 @@ def read_shard(shard: Shard, fragments: list[Fragment], cfg: InputConfig, storag
             index = index_table(rows.docs["id"], hashes, rows.docs["row"])
             yield _payload(fragment, started, docs=table_to_bytes(docs), blank=rows.blank, carry=carry,
                            index=table_to_bytes(index), quarantine=table_to_bytes(quarantine_table(rows.quarantine)))
-            started, done = time.time(), done + 1
-    except Exception as exc:  # noqa: BLE001 - whatever broke the shard is the fragments' failure reason
-        for fragment in fragments[done:]:
-            yield _payload(fragment, started, error=f"cannot read shard {shard.source}: {_describe(exc)}")
+            started = time.time()
+    except Exception as exc:  # noqa: BLE001 - whatever broke the shard is the failure reason of its rest
+        failed = Fragment(shard_failure_id(shard.source), shard, fragment.end, fragment.end)
+        yield _payload(failed, started, shard_failed=True, error=str(exc) if isinstance(exc, InputError) else
+                       f"cannot read shard {shard.source}: {_describe(exc)}")
 
 
 def _payload(fragment: Fragment, started: float, **fields) -> dict:
@@ -90,6 +99,7 @@ def _payload(fragment: Fragment, started: float, **fields) -> dict:
     empty = table_to_bytes(quarantine_table([]))
     return {"fragment": fragment.to_json(), "started": started, "docs": b"", "quarantine": empty, "windows": b"",
             "carry": b"", "index": b"", "blank": 0, "embedded": 0, "padded_tokens": 0, "error": "", "fatal": False,
+            "shard_failed": False,
             **fields}
 
 
@@ -198,7 +208,7 @@ class Embed:
     def __call__(self, payload: dict) -> dict:
         fragment = Fragment.from_json(payload["fragment"])
         if self.manifest:  # counts the worker deaths a fragment causes (see runner._execute)
-            self.manifest.note_attempt(fragment.id)
+            self.manifest.note_attempt(fragment.id, fragment.shard.source, fragment.start, fragment.rows)
         docs = table_from_bytes(payload["docs"])
         windows = TokenWindows.from_table(table_from_bytes(payload["windows"]), docs["n_tokens"].to_numpy(),
                                           docs["truncated"].to_numpy(zero_copy_only=False))
@@ -257,7 +267,8 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
             return _write(fragment, payload, job, location)
         except Exception as exc:  # noqa: BLE001 - recorded as the fragment's failure; the run goes on
             payload = {**payload, "error": f"writing it: {_describe(exc)}"}
-    failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"], fragment.rows)
+    failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"],
+                            None if payload["shard_failed"] else fragment.rows)
     try:
         Manifest(location).fail(failure)
     except Exception:  # noqa: BLE001 - the output itself is failing: the driver reports it
@@ -308,6 +319,8 @@ def _write(fragment: Fragment, payload: dict, job: JobSpec, location: Location) 
         version=job.version,
         carried=carried_docs,
         carried_tokens=int(pc.sum(carried["n_tokens"]).as_py() or 0) if carried.num_rows else 0,
+        shard_version=fragment.shard.version,
+        last=fragment.last,
     )
     manifest.commit(record)
     return record

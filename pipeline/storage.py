@@ -141,6 +141,18 @@ class Location:
         return [posixpath.basename(e.rstrip("/")) for e in entries]
 
     @_io("list")
+    def list_sizes(self, *parts: str) -> dict[str, int]:
+        """Base name -> size in bytes of the files directly under a folder (one listing)."""
+        folder = self.path(*parts)
+        self.fs.invalidate_cache(folder)
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries
+                if e.get("type") != "directory"}
+
+    @_io("list")
     def find(self, *parts: str) -> list[str]:
         """Paths (relative to the root) of every file below a folder; empty if there is none."""
         self.fs.invalidate_cache(self.path(*parts))

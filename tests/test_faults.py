@@ -14,9 +14,9 @@ import torch
 from pipeline.config import InputConfig, OutputSpec
 from pipeline.embedder import Embedder
 from pipeline.spec import EmbedSettings, resolve_output
-from pipeline.fragments import plan_fragments, table_from_bytes
+from pipeline.fragments import table_from_bytes
 from pipeline.sources import list_shards
-from pipeline.stages import Embed, Tokenize, read_shard
+from pipeline.stages import Embed, JobSpec, Tokenize, read_shard
 from pipeline.tokenize import TextTokenizer
 
 from conftest import CORPUS, write_config
@@ -41,6 +41,10 @@ def settings(model_info):
     return EmbedSettings(model_info, (resolve_output(SPEC, model_info.num_layers),), "float32", 4096, "float32")
 
 
+def job_of(cfg, model_info, fragment_docs):
+    return JobSpec(cfg, settings(model_info), "", "source", {}, fragment_docs=fragment_docs)
+
+
 def test_an_out_of_memory_batch_is_split_and_retried(model_info):
     texts = [json.loads(line)["text"] for line in (CORPUS / "part-0.jsonl").read_text().splitlines()[:24]]
     windows = TextTokenizer(model_info.path, 128).encode(texts)
@@ -58,8 +62,7 @@ def test_a_document_too_big_even_alone_is_quarantined(model_info, tmp_path):
     source.write_text("\n".join(lines) + "\n")
     cfg = InputConfig(uri=str(source))
     shard = list_shards(cfg)[0]
-    fragment = plan_fragments([(shard, len(lines))], 100)[0]
-    payload = next(read_shard(shard, [fragment], cfg))
+    payload = next(read_shard(shard, job_of(cfg, model_info, 100)))
     payload = Tokenize(model_info.path, 256, None, False)(payload)
     embed = Embed(settings(model_info), [])
     embed.embedder.encoder = OutOfMemoryWhen(embed.embedder.encoder, lambda ids: ids.shape[1] > 200)
@@ -131,7 +134,7 @@ def test_documents_the_tokenizer_rejects_are_quarantined_and_the_rest_tokenized(
                                 enumerate(["fine text", "POISON for the tokenizer", "also fine"])) + "\n")
     cfg = InputConfig(uri=str(source))
     shard = list_shards(cfg)[0]
-    payload = next(read_shard(shard, plan_fragments([(shard, 3)], 10), cfg))
+    payload = next(read_shard(shard, job_of(cfg, model_info, 10)))
     tokenize = Tokenize(model_info.path, 64, None, False)
     encode = tokenize.tokenizer.encode
 
@@ -152,15 +155,14 @@ def test_documents_the_tokenizer_rejects_are_quarantined_and_the_rest_tokenized(
 # --- the write step is guarded: a failing disk costs fragments, never the run's report ---
 
 def test_a_write_that_fails_is_the_fragments_failure_with_its_cause(model_info, tmp_path):
-    from pipeline.stages import JobSpec, write_fragment
+    from pipeline.stages import write_fragment
     from pipeline.spec import EmbedSettings
 
     source = tmp_path / "s.jsonl"
     source.write_text("\n".join((CORPUS / "part-0.jsonl").read_text().splitlines()[:4]) + "\n")
     cfg = InputConfig(uri=str(source))
     shard = list_shards(cfg)[0]
-    [fragment] = plan_fragments([(shard, 4)], 10)
-    payload = Tokenize(model_info.path, 32, None, False)(next(read_shard(shard, [fragment], cfg)))
+    payload = Tokenize(model_info.path, 32, None, False)(next(read_shard(shard, job_of(cfg, model_info, 10))))
     payload = Embed(settings(model_info), [])(payload)
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
@@ -168,7 +170,7 @@ def test_a_write_that_fails_is_the_fragments_failure_with_its_cause(model_info, 
     job = JobSpec(cfg, settings(model_info), str(out), "source", {})
     record = write_fragment(payload, job)
     assert record.reason.startswith("writing it: cannot write ") and "File exists" in record.reason, record
-    assert json.loads((out / "_manifest" / "failures" / f"{fragment.id}.json").read_text())["reason"] == record.reason
+    assert json.loads((out / "_manifest" / "failures" / f"{record.fragment}.json").read_text())["reason"] == record.reason
     assert not (out / "_manifest" / "fragments").exists()  # nothing committed
 
 

@@ -139,7 +139,7 @@ def test_incremental_versions_embed_only_what_changed(ray_cluster, tmp_path):
     assert second["docs_this_run"] == 16 == 0.08 * 200  # exactly the added and edited documents
     assert (second["version"], second["docs"], second["carried"]) == (2, 202, 186)
     assert "comparing 5 shards with version 1" in log  # s0-s3 and s5; s4 is carried unread
-    assert "3 carried from version 1, 0 already committed" in log  # s4's fragments
+    assert "3 fragments carried from version 1, 5 shards" in log  # s4's fragments; the compared ones are read
 
     fresh, _ = quiet_run(config(corpus, tmp_path / "fresh", run={"mode": "once"}))
     current = snapshot_table(out)
@@ -161,7 +161,7 @@ def test_incremental_versions_embed_only_what_changed(ray_cluster, tmp_path):
     killed_run(cfg_path, after_commits=2)
     assert versions.list_versions(versions.Location.from_uri(str(twin))) == [1]
     resumed, log = quiet_run(config(corpus, twin))
-    committed_before = int(re.search(r"(\d+) already committed", log).group(1))
+    committed_before = int(re.search(r"(\d+) fragments? already committed", log).group(1))
     assert committed_before >= 2 and resumed["fragments_this_run"] == second["fragments_this_run"] - committed_before
     assert (resumed["added"], resumed["changed"], resumed["deleted"], resumed["docs"]) == (6, 10, 4, 202)
     assert versions.read_snapshot(versions.Location.from_uri(str(twin))).files == \
