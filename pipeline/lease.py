@@ -62,8 +62,9 @@ class Lease:
 
     def acquire(self, note: Callable[[str], None] = lambda _: None) -> None:
         """Take the output, waiting out a holder that may be dead; OutputBusy if it is alive."""
-        current = self._read()
-        if current is None and self.location.exists(LEASE_FILE):  # no run writes a lease like that
+        data = self.location.read_optional(LEASE_FILE)
+        current = holder_of(data)
+        if current is None and data is not None:  # no run writes a lease like that
             note(f"strata: {self.location.uri(LEASE_FILE)} is damaged (not a lease strata writes); taking it over")
         if current is not None and current.token != self.holder.token and not self._gone(current, note):
             raise OutputBusy(f"output {self.location.uri()} is being written by another run ({current.describe()}); "
@@ -129,9 +130,14 @@ class Lease:
 
 def current_holder(location: Location) -> Holder | None:
     """Who holds the output's lease now, if anyone (a run that died may still hold it, for a while)."""
-    if not location.exists(LEASE_FILE):
+    return holder_of(location.read_optional(LEASE_FILE))
+
+
+def holder_of(data: bytes | None) -> Holder | None:
+    """The holder a lease file's bytes name; None for no file, or one no run writes like that."""
+    if data is None:
         return None
     try:
-        return record_from(json.loads(location.read_bytes(LEASE_FILE)), Holder, ValueError)
+        return record_from(json.loads(data), Holder, ValueError)
     except (ValueError, TypeError, FileNotFoundError):  # just removed, or damaged: no live run writes it like that
         return None

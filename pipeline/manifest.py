@@ -97,9 +97,10 @@ class Manifest:
 
     def read_run(self) -> dict | None:
         """run.json, checked for the keys strata reads; None when the output has none yet."""
-        if not self.location.exists(RUN_FILE):
+        data = self.location.read_optional(RUN_FILE)
+        if data is None:
             return None
-        run = read_json(self.location, RUN_FILE, dict)
+        run = parse_json(self.location, RUN_FILE, data, dict)
         for key, kind in (("fingerprint", str), ("identity", dict), ("model", dict), ("plan", dict)):
             if not isinstance(run.get(key), kind):
                 raise damaged(self.location, RUN_FILE, f"its {key!r} is missing or not a {kind.__name__}")
@@ -112,9 +113,8 @@ class Manifest:
     def write_run(self, run: dict) -> None:
         self.location.write_bytes(json.dumps(run, indent=2).encode(), RUN_FILE)
 
-    def check_settings(self, run: dict) -> dict | None:
-        """Refuse an output made with other settings; returns its run record, if any (for `begin`)."""
-        previous = self.read_run()
+    def check_settings(self, run: dict, previous: dict | None) -> None:
+        """Refuse an output whose run record (`previous`, from `read_run`) was made with other settings."""
         if previous and previous.get("fingerprint") != run["fingerprint"]:
             changes = identity_changes(previous.get("identity", {}), run["identity"])[:3]
             raise OutputError(
@@ -122,7 +122,6 @@ class Manifest:
                 f"({'; '.join(changes) or 'fingerprint ' + str(previous.get('fingerprint'))}); "
                 "use a new output.uri, or delete the old output to start over"
             )
-        return previous
 
     def begin(self, run: dict, previous: dict | None) -> None:
         """Claim the output for this run, once `check_settings` passed; the last summary stays until
@@ -201,10 +200,11 @@ class Manifest:
         document twice: the files a write journal names for a fragment without a commit record,
         and (on a local disk) temporary files of those names and of the manifest's own files.
         Nothing else: a file strata cannot prove it wrote is never touched. Returns what was removed."""
-        committed = self.committed()
+        journals = self.location.list_names(WRITING_DIR)
+        committed = self.committed() if journals else set()
         removed: list[str] = []
         folders: set[str] = set()
-        for name in self.location.list_names(WRITING_DIR):
+        for name in journals:
             fragment = name.removesuffix(".json")
             if not name.endswith(".json") or temp_target(name):
                 continue
@@ -283,8 +283,9 @@ class Manifest:
         """Add commit records to the index (one new file). When that makes more than
         `INDEX_FILES_MAX` files, merge every entry still committed into one file and remove the
         files it replaces. Only the holder of the output's lease folds."""
-        if records:
-            self._write_index(records)
+        if not records:
+            return
+        self._write_index(records)
         names = self._index_files()
         if len(names) <= INDEX_FILES_MAX:
             return
@@ -316,9 +317,16 @@ INDEX_SCHEMA = pa.schema(
 def read_json(location: Location, path: str, kind: type) -> dict | list:
     """A JSON file of the manifest, of the given top-level type; OutputError naming it otherwise."""
     try:
-        data = json.loads(location.read_bytes(path))
+        data = location.read_bytes(path)
     except FileNotFoundError:
         raise damaged(location, path, "it vanished while being read (another process removed it)") from None
+    return parse_json(location, path, data, kind)
+
+
+def parse_json(location: Location, path: str, text: bytes, kind: type) -> dict | list:
+    """`read_json` of bytes already read from `path`."""
+    try:
+        data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise damaged(location, path, f"it is not valid JSON ({one_line(exc)}; cut short?)") from None
     if not isinstance(data, kind):

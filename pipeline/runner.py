@@ -215,7 +215,7 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     previous_run = manifest.read_run()
     plan.keep_schema = _keep_schema(plan, previous_run)
     if config.run.mode == "once":
-        manifest.check_settings(run_record(plan))
+        manifest.check_settings(run_record(plan), previous_run)
     elif previous_run and previous_run.get("fingerprint") != plan.fingerprint and \
             previous_run.get("plan", {}).get("version", 1) > (current.version if current else 0):
         _say(console, f"abandoning the unfinished version {previous_run['plan']['version']}: it was made with "

@@ -112,6 +112,15 @@ class Location:
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))
 
+    @_io("read")
+    def read_optional(self, *parts: str) -> bytes | None:
+        """A file's bytes, or None when there is none (one request on object storage, where an
+        `exists` first would cost one or two more)."""
+        try:
+            return self.fs.cat_file(self.path(*parts))
+        except FileNotFoundError:
+            return None
+
     @_io("write")
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole object so that readers never see it half-written.

@@ -185,7 +185,7 @@ def test_status_of_object_storage_without_credentials_is_one_line(capsys, monkey
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     assert code == 1 and stderr.count("\n") == 1
-    assert stderr.startswith("error: cannot reach s3://nobucket/x/_manifest/run.json: NoCredentialsError")
+    assert stderr.startswith("error: cannot read s3://nobucket/x/_manifest/run.json: NoCredentialsError")
 
 
 def test_a_dead_local_cluster_left_behind_does_not_stop_runs(tmp_path):
