@@ -357,7 +357,8 @@ def read_fragments(
             start = end
     except Exception as exc:  # noqa: BLE001 - a truncated or vanished file, a corrupt footer, ...
         where = f" after row {start:,}" if start else ""
-        raise InputError(f"cannot read shard {shard.source}{where}: {exc if isinstance(exc, InputError) else one_line(exc)}") from None
+        cause = exc if isinstance(exc, InputError) else one_line(exc)
+        raise InputError(f"cannot read shard {shard.source}{where}: {cause}") from None
     finally:
         if records is not None:
             records.close()
