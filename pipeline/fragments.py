@@ -7,7 +7,9 @@ relative path, its row range and a salt (the shard's version, the settings and t
 version the fragment belongs to), so the same input always cuts the same fragments and a
 retried fragment rewrites the same file names, while an edited shard or a new version never
 reuses the name of a file an older version reads. Nothing counts a shard's rows beforehand:
-the driver learns a shard's fragments from their commit records.
+the driver learns a shard's fragments from their commit records, and which shards are still
+to read from them (`own_records`, `finished`, `to_read`: Arrow over the listing, Python only
+over the records).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import re
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline.manifest import CommitRecord
 from pipeline.sources import Shard
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -65,6 +69,60 @@ def cut(shard: Shard, start: int, end: int, last: bool, salt: str = "") -> Fragm
     """The fragment of rows [start, end) of a shard. The shard's version joins `salt` (the
     settings and output version) in the id: an edited shard gets new fragments."""
     return Fragment(fragment_id(shard.source, start, end, f"{shard.version}\0{salt}"), shard, start, end, last)
+
+
+def own_records(work: pa.Table, salt: str, records: list[CommitRecord]) -> list[CommitRecord]:
+    """The records that are fragments of this work (`sources.SHARD_SCHEMA` rows): of a shard it
+    holds, cut from the same shard version, with the same `salt` (settings and output version:
+    their ids say so)."""
+    if not records or not work.num_rows:
+        return []
+    table = pa.table({"i": pa.array(range(len(records)), pa.int64()),
+                      "source": pa.array([r.source for r in records], pa.string()),
+                      "version": pa.array([r.shard_version for r in records], pa.string())})
+    matched = table.join(work.select(["source", "version"]), ["source", "version"], join_type="inner")
+    candidates = [records[i] for i in sorted(matched["i"].to_pylist())]
+    return [r for r in candidates
+            if r.fragment == cut(Shard("", r.source, "", None, 0, r.shard_version), r.start, r.end, r.last, salt).id]
+
+
+def finished(records: list[CommitRecord]) -> set[str]:
+    """The shards that their committed fragments cover: every fragment from row 0 up to the one
+    marked last is committed."""
+    by_source: dict[str, list[CommitRecord]] = {}
+    for record in records:
+        by_source.setdefault(record.source, []).append(record)
+    done = set()
+    for source, group in by_source.items():
+        group.sort(key=lambda r: r.start)
+        if group[0].start == 0 and group[-1].last and all(a.end == b.start for a, b in zip(group, group[1:])):
+            done.add(source)
+    return done
+
+
+def unfinished(work: pa.Table, records: list[CommitRecord]) -> list[str]:
+    """The shards of `work` (sorted sources) that `records` do not cover yet."""
+    done = pa.array(sorted(finished(records)), pa.string())
+    return work["source"].filter(pc.invert(pc.is_in(work["source"], done))).to_pylist()
+
+
+def to_read(work: pa.Table, own: list[CommitRecord]) -> pa.Table:
+    """The shards of `work` still to read, with `skip`: the starting rows of their fragments
+    committed already (a shard whose fragments are all committed is left out). Arrow kernels
+    over the listing; Python only over the records."""
+    done = finished(own)
+    todo = work.filter(pc.invert(pc.is_in(work["source"], pa.array(sorted(done), pa.string())))) if done else work
+    starts: dict[str, list[int]] = {}
+    for record in own:
+        if record.source not in done:
+            starts.setdefault(record.source, []).append(record.start)
+    if not starts:
+        return todo.append_column("skip", pa.nulls(todo.num_rows, pa.list_(pa.int64())))
+    partial = pa.table({"source": pa.array(list(starts), pa.string()), "k": pa.array(range(len(starts)), pa.int64())})
+    todo = todo.join(partial, "source", join_type="left outer")  # Acero joins no list columns: join an index
+    todo = todo.take(pc.sort_indices(todo["source"]))
+    skip = pa.array([sorted(v) for v in starts.values()], pa.list_(pa.int64())).take(todo["k"])
+    return todo.drop_columns(["k"]).append_column("skip", skip)
 
 
 def table_to_bytes(table: pa.Table) -> bytes:

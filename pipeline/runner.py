@@ -11,7 +11,6 @@ records; documents only ever live inside the Ray stages.
 from __future__ import annotations
 
 import base64
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from pipeline import faults, versions
 from pipeline.changes import KINDS
 from pipeline.config import StrataConfig, fingerprint_of, identity_changes, redacted
 from pipeline.errors import ConfigError, InputError, StrataError, root_cause
-from pipeline.fragments import cut, shard_failure_id
+from pipeline.fragments import own_records, shard_failure_id, to_read, unfinished
 from pipeline.incremental import DiffTask, changes_name
 from pipeline.lease import Lease, OutputBusy
 from pipeline.manifest import (FRAGMENTS_DIR, HASHES_DIR, RUN_FILE, CommitRecord, FailureRecord, Manifest, check_output_folder,
@@ -32,7 +31,7 @@ from pipeline.manifest import (FRAGMENTS_DIR, HASHES_DIR, RUN_FILE, CommitRecord
 from pipeline.model import ModelInfo, check_model_folder, resolve_model
 from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, byte_size, count_of, summary_table
-from pipeline.sources import Shard, count_rows, keep_schema, shard_table, shards_of
+from pipeline.sources import count_rows, keep_schema, shard_table, shards_of
 from pipeline.spec import EmbedSettings, ResolvedOutput, resolve_output
 from pipeline.stages import JobSpec
 from pipeline.storage import Location, open_fs, overlap
@@ -350,59 +349,6 @@ def _diff(plan: Plan, current: versions.Snapshot, gone: list[str], console: Cons
     plan.work = plan.work.filter(pc.invert(pc.is_in(plan.work["source"], pa.array(failed, pa.string()))))
 
 
-def own_records(plan: Plan, records: list[CommitRecord]) -> list[CommitRecord]:
-    """The records that are fragments of this plan: of a shard it reads, cut from the same shard
-    version with the same settings and output version (their ids say so)."""
-    if not records or not plan.work.num_rows:
-        return []
-    table = pa.table({"i": pa.array(range(len(records)), pa.int64()),
-                      "source": pa.array([r.source for r in records], pa.string()),
-                      "version": pa.array([r.shard_version for r in records], pa.string())})
-    matched = table.join(plan.work.select(["source", "version"]), ["source", "version"], join_type="inner")
-    candidates = [records[i] for i in sorted(matched["i"].to_pylist())]
-    return [r for r in candidates
-            if r.fragment == cut(Shard("", r.source, "", None, 0, r.shard_version), r.start, r.end, r.last, plan.salt).id]
-
-
-def finished(records: list[CommitRecord]) -> set[str]:
-    """The shards that their committed fragments cover: every fragment from row 0 up to the one
-    marked last is committed."""
-    by_source: dict[str, list[CommitRecord]] = {}
-    for record in records:
-        by_source.setdefault(record.source, []).append(record)
-    done = set()
-    for source, group in by_source.items():
-        group.sort(key=lambda r: r.start)
-        if group[0].start == 0 and group[-1].last and all(a.end == b.start for a, b in zip(group, group[1:])):
-            done.add(source)
-    return done
-
-
-def unfinished(work: pa.Table, records: list[CommitRecord]) -> list[str]:
-    """The shards of `work` (sorted sources) that `records` do not cover yet."""
-    done = pa.array(sorted(finished(records)), pa.string())
-    return work["source"].filter(pc.invert(pc.is_in(work["source"], done))).to_pylist()
-
-
-def to_read(work: pa.Table, own: list[CommitRecord]) -> pa.Table:
-    """The shards of `work` still to read, with `skip`: the starting rows of their fragments
-    committed already (a shard whose fragments are all committed is left out). Arrow kernels
-    over the listing; Python only over the records."""
-    done = finished(own)
-    todo = work.filter(pc.invert(pc.is_in(work["source"], pa.array(sorted(done), pa.string())))) if done else work
-    starts: dict[str, list[int]] = {}
-    for record in own:
-        if record.source not in done:
-            starts.setdefault(record.source, []).append(record.start)
-    if not starts:
-        return todo.append_column("skip", pa.nulls(todo.num_rows, pa.list_(pa.int64())))
-    partial = pa.table({"source": pa.array(list(starts), pa.string()), "k": pa.array(range(len(starts)), pa.int64())})
-    todo = todo.join(partial, "source", join_type="left outer")  # Acero joins no list columns: join an index
-    todo = todo.take(pc.sort_indices(todo["source"]))
-    skip = pa.array([sorted(v) for v in starts.values()], pa.list_(pa.int64())).take(todo["k"])
-    return todo.drop_columns(["k"]).append_column("skip", skip)
-
-
 def _clean_up(plan: Plan, manifest: Manifest, console: Console) -> list[CommitRecord]:
     """Remove what an interrupted run left: files without a commit record, and committed fragments
     that neither this plan nor any published version holds (an abandoned unfinished version's, or
@@ -413,7 +359,7 @@ def _clean_up(plan: Plan, manifest: Manifest, console: Console) -> list[CommitRe
         _say(console, f"removed {count_of(len(removed), 'file')} an interrupted run left without a commit record")
     read_one_by_one: list[CommitRecord] = []
     records = manifest.records(unindexed=read_one_by_one)
-    own = own_records(plan, records)
+    own = own_records(plan.work, plan.salt, records)
     listed = {r.fragment for r in own}
     for snapshot in versions.all_snapshots(manifest.location):
         listed |= {r.fragment for r in snapshot.fragments}
@@ -554,7 +500,7 @@ def _after_worker_deaths(plan: Plan, manifest: Manifest, remaining: pa.Table, do
             skip.setdefault(source, set()).add(start)
         console.print(f"strata: fragment {fragment} failed: {failure.reason}", markup=False, highlight=False)
     landed = {r.fragment for r in done}
-    mine = done + own_records(plan, manifest.records(committed - landed))
+    mine = done + own_records(plan.work, plan.salt, manifest.records(committed - landed))
     left = to_read(remaining.drop_columns(["skip"]), mine).to_pylist()
     for row in left:  # the rest of a shard is still embedded; the shard stays unfinished, its version unpublished
         row["skip"] = sorted(set(row["skip"] or ()) | skip.get(row["source"], set()))

@@ -156,7 +156,6 @@ def test_documents_the_tokenizer_rejects_are_quarantined_and_the_rest_tokenized(
 
 def test_a_write_that_fails_is_the_fragments_failure_with_its_cause(model_info, tmp_path):
     from pipeline.stages import write_fragment
-    from pipeline.spec import EmbedSettings
 
     source = tmp_path / "s.jsonl"
     source.write_text("\n".join((CORPUS / "part-0.jsonl").read_text().splitlines()[:4]) + "\n")
