@@ -83,7 +83,7 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
            as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON")):
     """Versions, progress and totals of an output, read from its manifest."""
     from pipeline import versions
-    from pipeline.lease import current_holder
+    from pipeline.lease import current_holder, surely_dead
     from pipeline.manifest import Manifest
     from pipeline.storage import Location
 
@@ -102,8 +102,10 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
     planned = plan.get("fragments")  # known once every shard of the version was read
     report = {
         "output": output_uri,
-        "running": None if holder is None else f"{holder.describe()}; lease renewed "
-                                               f"{max(time.time() - holder.renewed, 0):,.0f} s ago",
+        "running": None if holder is None or surely_dead(holder) else
+        f"{holder.describe()}; lease renewed {max(time.time() - holder.renewed, 0):,.0f} s ago",
+        "stale_lease": None if holder is None or not surely_dead(holder) else
+        f"{holder.describe()}: that run is over (killed?); the next run takes the output over",
         "current_version": snapshots[-1].version if snapshots else None,
         "fingerprint": run_info["fingerprint"],
         "model": run_info["model"].get("name"),

@@ -96,11 +96,10 @@ class Lease:
         self.release()
 
     def _gone(self, other: Holder, note: Callable[[str], None]) -> bool:
-        if other.host == self.holder.host:  # one clock, so the stamp's age is exact; a pid may be reused
-            stale = time.time() - other.renewed > self.ttl
-            return other.pid == self.holder.pid or not psutil.pid_exists(other.pid) or stale
-        if time.time() - other.renewed > 10 * self.ttl:
+        if other.pid == self.holder.pid and other.host == self.holder.host:
             return True
+        if surely_dead(other, self.ttl) or other.host == self.holder.host:
+            return surely_dead(other, self.ttl)
         note(f"strata: the output has a lease of {other.describe()}; checking for up to {self.ttl:.0f} s "
              "whether that run is still alive")
         deadline = time.monotonic() + self.ttl
@@ -126,6 +125,16 @@ class Lease:
 
     def _read(self) -> Holder | None:
         return current_holder(self.location)
+
+
+def surely_dead(holder: Holder, ttl: float = TTL_S) -> bool:
+    """Whether a lease's run is certainly over: on this host, its process is gone or its stamp
+    is older than the TTL (one clock, so the age is exact; a pid may be reused); elsewhere, its
+    stamp is older than 10 TTLs. A live-looking lease of another host needs watching (`Lease`)."""
+    age = time.time() - holder.renewed
+    if holder.host == socket.gethostname():
+        return not psutil.pid_exists(holder.pid) or age > ttl
+    return age > 10 * ttl
 
 
 def current_holder(location: Location) -> Holder | None:

@@ -19,13 +19,14 @@ LOG_EVERY_SECONDS = 5.0
 
 class RunProgress:
     """Progress by input bytes: a shard's bytes count as done when its last fragment commits,
-    and the rows of shards still open count at the bytes per row of the finished ones (no row
-    count is known before a shard is read)."""
+    and the rows read so far of shards still open count at the bytes per row of the finished
+    ones, each at most up to its own size (no row count is known before a shard is read)."""
 
     def __init__(self, console: Console, total_bytes: int, shards: int):
         self.console = console
         self.total_bytes, self.shards = total_bytes, shards
         self.rows = self.tokens = self.shards_done = self.bytes_done = self.rows_done = 0
+        self.open: dict[str, tuple[int, int]] = {}  # source -> (rows committed this run, size) of open shards
         self.started = time.monotonic()
         self.last_log = 0.0
         self.bar = None
@@ -49,10 +50,13 @@ class RunProgress:
     def update(self, record: CommitRecord, shard_size: int) -> None:
         self.rows += record.rows
         self.tokens += record.embedded_tokens
+        rows, _ = self.open.pop(record.source, (0, shard_size))
         if record.last:
             self.shards_done += 1
             self.bytes_done += shard_size
-            self.rows_done = self.rows  # approximately: the rows of finished shards
+            self.rows_done += rows + record.rows
+        else:
+            self.open[record.source] = (rows + record.rows, shard_size)
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = f"{self.tokens / elapsed:,.0f} tokens/s"
         counts = f"{self.shards_done:,}/{self.shards:,} shards, {self.rows:,} rows"
@@ -67,9 +71,11 @@ class RunProgress:
                                f"{elapsed:,.0f} s elapsed, ETA {eta}")
 
     def estimate(self) -> float:
-        """Input bytes done: finished shards whole, open ones by their rows."""
+        """Input bytes done: finished shards whole, open ones by their rows (never past 99 % of
+        their size, and never the whole input while a shard is open)."""
         per_row = self.bytes_done / self.rows_done if self.rows_done else 0.0
-        return min(self.bytes_done + (self.rows - self.rows_done) * per_row, self.total_bytes)
+        done = self.bytes_done + sum(min(rows * per_row, 0.99 * size) for rows, size in self.open.values())
+        return min(done, self.total_bytes * (0.999 if self.shards_done < self.shards else 1.0))
 
 
 def byte_size(size: float) -> str:

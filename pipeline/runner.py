@@ -272,7 +272,8 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
         manifest.remove_fragments(redo)
         raise RunFailed(f"version {plan.version} is not published: {count_of(len(lost), 'file')} it lists "
                         f"{'is' if len(lost) == 1 else 'are'} gone from the output ({', '.join(lost[:2])}"
-                        f"{', ...' if len(lost) > 2 else ''}), removed while the run was going; rerun the same command "
+                        f"{', ...' if len(lost) > 2 else ''}), removed by hand or by another process since they were "
+                        "written; rerun the same command "
                         f"to embed {'its fragment' if len(redo) == 1 else f'those {len(redo)} fragments'} again")
     _check_failures(failed, config.output.uri)
     _check_error_budget(summary, config.run.max_error_rate)

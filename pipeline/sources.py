@@ -241,17 +241,54 @@ def _glob_base(pattern: str) -> str:
 @contextlib.contextmanager
 def open_shard(fs: fsspec.AbstractFileSystem, shard: Shard) -> Iterator[io.BufferedIOBase]:
     """A shard's bytes, decompressed: `read` and iteration by line work for every compression
-    (zstd streams are read across frames, as `zstd -d` does, and buffered so lines can be iterated)."""
+    (zstd streams are read across frames, as `zstd -d` does, and buffered so lines can be
+    iterated). A compressed stream cut short raises EOFError, as gzip's does."""
     if shard.compression != "zstd":
         with fs.open(shard.path, "rb", compression=shard.compression) as f:
             yield f
         return
-    import zstandard
-
     with fs.open(shard.path, "rb") as raw:
-        with io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True),
-                               buffer_size=1 << 20) as f:
+        with io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20) as f:
             yield f
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Every frame of a zstd stream, one after the other. zstandard's own `stream_reader` ends
+    quietly where a file is cut short mid-frame (the rows after the cut would vanish unnoticed);
+    this raises EOFError there instead."""
+
+    def __init__(self, raw: io.BufferedIOBase):
+        import zstandard
+
+        self.raw, self.context = raw, zstandard.ZstdDecompressor()
+        self.frame, self.in_frame = self.context.decompressobj(), False
+        self.pending, self.at = b"", 0  # decompressed bytes not yet handed out, from `at` on
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.at == len(self.pending):
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError("zstd stream ended in the middle of a frame (the file is cut short)")
+                return 0
+            self.pending, self.at = self._decompress(chunk), 0
+        n = min(len(buffer), len(self.pending) - self.at)
+        buffer[:n] = memoryview(self.pending)[self.at:self.at + n]
+        self.at += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            out.append(self.frame.decompress(data))
+            self.in_frame = not self.frame.eof
+            data = self.frame.unused_data if self.frame.eof else b""
+            if self.frame.eof:
+                self.frame, self.in_frame = self.context.decompressobj(), False
+        return b"".join(out)
 
 
 def count_rows(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:

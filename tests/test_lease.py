@@ -123,3 +123,21 @@ def test_a_damaged_lease_is_taken_over_with_a_note(tmp_path, content):
         assert len(notes) == 1 and "lease.json is damaged" in notes[0]
     finally:
         lease.release()
+
+
+def test_status_names_a_lease_whose_run_is_over_as_stale_not_running(tmp_path):
+    """A run killed with -9 leaves its lease; its process is gone, so status must not call it running."""
+    from pipeline.cli import app  # noqa: F401 - the command under test, through its entry point below
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lease = Lease(location(tmp_path))
+    lease.holder = dataclasses.replace(lease.holder, pid=dead.pid)
+    lease._write(time.time())
+    (tmp_path / "out" / "_manifest" / "run.json").write_text(json.dumps(
+        {"fingerprint": "f", "identity": {}, "model": {"name": "m"}, "plan": {"fragments": None, "rows": None}}))
+    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(tmp_path / "out"), "--json"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    report = json.loads(status.stdout)
+    assert report["running"] is None and f"process {dead.pid} on " in report["stale_lease"], report
+    assert report["fragments_planned"] is None and report["fragments_pending"] is None

@@ -10,7 +10,10 @@ from pathlib import Path
 import pyarrow.dataset as ds
 from rich.console import Console
 
+import pytest
+
 from pipeline.config import InputConfig, parse_config
+from pipeline.errors import InputError
 from pipeline.manifest import FRAGMENTS_DIR, INDEX_DIR, INDEX_FILES_MAX, CommitRecord, Manifest
 from pipeline.runner import run
 from pipeline.sources import list_shards, read_fragments, select_listing
@@ -71,6 +74,40 @@ def test_fragments_are_found_while_streaming_and_the_last_says_so(tmp_path):
     [ten] = [s for s in list_shards(cfg) if s.source == "ten.jsonl.gz"]
     skipped = [(a, b, last, rows is None) for a, b, last, rows in read_fragments(fs, ten, 4, cfg, skip={0, 8})]
     assert skipped == [(0, 4, False, True), (4, 8, False, False), (8, 10, True, True)]
+
+
+def test_a_compressed_shard_cut_short_is_an_error_never_a_shorter_shard(tmp_path):
+    import zstandard
+
+    cfg = InputConfig(uri=str(tmp_path))
+    text = ("\n".join(LINES * 20) + "\n").encode()
+    frames = zstandard.ZstdCompressor().compress(text[:5000]) + zstandard.ZstdCompressor().compress(text[5000:])
+    (tmp_path / "cut.jsonl.zst").write_bytes(frames[: len(frames) - 200])  # the second frame cut short
+    (tmp_path / "tiny.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text[:300])[:-8])
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(text)[:-100])
+    fs, _ = open_fs(str(tmp_path))
+    for shard in list_shards(cfg):
+        with pytest.raises(InputError, match=f"cannot read shard {shard.source}.*(EOFError|cut short)"):
+            list(read_fragments(fs, shard, 4, cfg))
+
+
+def test_progress_never_claims_the_input_done_while_a_shard_is_open():
+    from pipeline.progress import RunProgress
+
+    def record(source: str, rows: int, last: bool) -> CommitRecord:
+        return CommitRecord("f", source, 0, rows, [], rows, rows, 0, 0, 1, 1, 0.1, last=last)
+
+    progress = RunProgress(quiet(), total_bytes=1000, shards=3)
+    progress.update(record("a", 10, True), 100)  # 10 bytes per row
+    shares = []
+    for _ in range(5):  # b's rows would be 1,000 bytes at a's rate: more than b holds
+        progress.update(record("b", 20, False), 800)
+        shares.append(progress.estimate() / 1000)
+    assert shares == sorted(shares) and max(shares) < 1.0
+    progress.update(record("c", 5, True), 100)
+    assert progress.estimate() < 1000
+    progress.update(record("b", 1, True), 800)
+    assert progress.estimate() == 1000
 
 
 def test_listing_selects_shards_with_arrow_kernels_as_the_per_file_rules_do():
