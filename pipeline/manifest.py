@@ -260,7 +260,7 @@ class Manifest:
         return found
 
     def indexed(self) -> dict[str, tuple[CommitRecord, int]]:
-        """fragment id -> (record, its file's size) of every index file, later files first."""
+        """fragment id -> (record, the size of its file when indexed) of every index file; a later file wins."""
         entries: dict[str, tuple[CommitRecord, int]] = {}
         for name in self._index_files():
             path = f"{INDEX_DIR}/{name}"
