@@ -106,16 +106,17 @@ def unfinished(work: pa.Table, records: list[CommitRecord]) -> list[str]:
     return work["source"].filter(pc.invert(pc.is_in(work["source"], done))).to_pylist()
 
 
-def to_read(work: pa.Table, own: list[CommitRecord]) -> pa.Table:
+def to_read(work: pa.Table, own: list[CommitRecord], failed: dict[str, set[int]] | None = None) -> pa.Table:
     """The shards of `work` still to read, with `skip`: the starting rows of their fragments
-    committed already (a shard whose fragments are all committed is left out). Arrow kernels
-    over the listing; Python only over the records."""
+    committed already, and of the `failed` ones (source -> starts: fragments that kill their
+    worker, stepped over so the rest of the shard is still embedded). A shard whose fragments
+    are all committed is left out. Arrow kernels over the listing; Python only over the records."""
     done = finished(own)
     todo = work.filter(pc.invert(pc.is_in(work["source"], pa.array(sorted(done), pa.string())))) if done else work
-    starts: dict[str, list[int]] = {}
+    starts: dict[str, set[int]] = {source: set(rows) for source, rows in (failed or {}).items() if source not in done}
     for record in own:
         if record.source not in done:
-            starts.setdefault(record.source, []).append(record.start)
+            starts.setdefault(record.source, set()).add(record.start)
     if not starts:
         return todo.append_column("skip", pa.nulls(todo.num_rows, pa.list_(pa.int64())))
     partial = pa.table({"source": pa.array(list(starts), pa.string()), "k": pa.array(range(len(starts)), pa.int64())})

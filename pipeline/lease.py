@@ -96,10 +96,10 @@ class Lease:
         self.release()
 
     def _gone(self, other: Holder, note: Callable[[str], None]) -> bool:
-        if other.pid == self.holder.pid and other.host == self.holder.host:
+        if other.host == self.holder.host:
+            return other.pid == self.holder.pid or surely_dead(other, self.ttl)
+        if surely_dead(other, self.ttl):
             return True
-        if surely_dead(other, self.ttl) or other.host == self.holder.host:
-            return surely_dead(other, self.ttl)
         note(f"strata: the output has a lease of {other.describe()}; checking for up to {self.ttl:.0f} s "
              "whether that run is still alive")
         deadline = time.monotonic() + self.ttl

@@ -445,8 +445,9 @@ def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Mani
     failures: list[FailureRecord] = []
     unfolded: list[CommitRecord] = []
     remaining = todo
-    metrics = RunMetrics(plan.config.output.uri, int(pc.sum(todo["size"]).as_py() or 0))
-    with RunProgress(console, int(pc.sum(todo["size"]).as_py() or 0), todo.num_rows) as progress:
+    todo_bytes = int(pc.sum(todo["size"]).as_py() or 0)
+    metrics = RunMetrics(plan.config.output.uri, todo_bytes)
+    with RunProgress(console, todo_bytes, todo.num_rows) as progress:
         while remaining.num_rows:
             try:
                 for record, shard_size in ray_pipeline.run_shards(remaining, job, resources):
@@ -502,10 +503,7 @@ def _after_worker_deaths(plan: Plan, manifest: Manifest, remaining: pa.Table, do
         console.print(f"strata: fragment {fragment} failed: {failure.reason}", markup=False, highlight=False)
     landed = {r.fragment for r in done}
     mine = done + own_records(plan.work, plan.salt, manifest.records(committed - landed))
-    left = to_read(remaining.drop_columns(["skip"]), mine).to_pylist()
-    for row in left:  # the rest of a shard is still embedded; the shard stays unfinished, its version unpublished
-        row["skip"] = sorted(set(row["skip"] or ()) | skip.get(row["source"], set()))
-    return pa.Table.from_pylist(left, schema=remaining.schema)
+    return to_read(remaining.drop_columns(["skip"]), mine, skip)  # its shard stays unfinished: not published
 
 
 def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitRecord], failed: list[FailureRecord],

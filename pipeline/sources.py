@@ -54,21 +54,6 @@ class FragmentRows:
     blank: int = 0
 
 
-def detect_format(name: str, declared: str) -> tuple[str | None, str | None]:
-    """(format, compression) of a file; format None means "not a corpus file, skip it".
-
-    With `auto` the extension decides; a declared format applies to every file found.
-    """
-    stem, ext = posixpath.splitext(name.lower())
-    compression = COMPRESSIONS.get(ext)
-    if compression:
-        stem, ext = posixpath.splitext(stem)
-    fmt = FORMATS.get(ext) if declared == "auto" else declared
-    if fmt == "parquet" and compression:
-        return None, compression  # parquet compresses inside the file
-    return fmt, compression
-
-
 _WORD = pa.dictionary(pa.int8(), pa.string())  # a few distinct values: one byte per shard
 SHARD_SCHEMA = pa.schema([("path", pa.binary()), ("source", pa.string()), ("format", _WORD),
                           ("compression", _WORD), ("size", pa.int64()), ("version", pa.string())])
@@ -178,10 +163,14 @@ def _relative(name: pa.Array, base: str) -> pa.Array:
 
 
 def _formats(lower: pa.Array, declared: str) -> tuple[pa.Array, pa.Array]:
-    """(format, compression) per file name as `detect_format` decides them; format null = skip."""
-    compression = _suffix(lower, r"(?P<s>\.(?:gz|zst|zstd))$")
+    """(format, compression) per lower-cased file name; format null means "not a corpus file".
+    A compression extension (COMPRESSIONS) comes last; with `auto` the extension before it
+    decides the format (FORMATS), else the declared format applies to every file. Parquet
+    compresses inside the file: a compressed `.parquet` is not a corpus file."""
+    compressed_suffix = "(?:" + "|".join(re.escape(ext) for ext in COMPRESSIONS) + ")$"
+    compression = _suffix(lower, f"(?P<s>{compressed_suffix})")
     compressed = pc.is_valid(compression)
-    stem = pc.if_else(compressed, pc.replace_substring_regex(lower, r"\.(gz|zst|zstd)$", ""), lower)
+    stem = pc.if_else(compressed, pc.replace_substring_regex(lower, compressed_suffix, ""), lower)
     extension = _suffix(stem, r"[^/](?P<s>\.[^/.]*)$")
     keys = list(FORMATS)
     if declared == "auto":
