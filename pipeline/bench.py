@@ -33,9 +33,9 @@ import torch
 from pipeline.config import ModelConfig, OutputSpec, StrataConfig
 from pipeline.embedder import Embedder
 from pipeline.encoder import pick_device, pick_dtype
-from pipeline.errors import StrataError
+from pipeline.errors import StrataError, one_line
 from pipeline.model import ModelInfo, default_model_path, resolve_model
-from pipeline.spec import EmbedSettings, resolve_output
+from pipeline.spec import DeviceOptions, EmbedSettings, Simulation, resolve_output
 from pipeline.tokenize import TextTokenizer
 
 COSINE_FLOOR = 0.999  # a method whose vectors fall below this against the loop's computes something else
@@ -79,6 +79,8 @@ class BenchOptions:
     device: str = "auto"
     profile: bool = False
     memory_scale: int = 0  # > 0: also compare peak host memory of e2e on docs and memory_scale × docs
+    busy_docs: int = 2000  # documents of each simulated-device run (--device sim:RATE)
+    tries: tuple[str, ...] = ()  # device options the stage also runs with, one at a time (NAME=VALUE)
 
 
 @dataclass
@@ -146,8 +148,12 @@ def model_folder(name: str, scratch: Path, vocabulary: Path | None = None) -> Pa
 
 def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lambda m: None) -> dict:
     """Measure every method for every model; returns the JSON-ready result."""
-    device = pick_device() if options.device == "auto" else torch.device(options.device)
+    rates = simulated_rates(options.device)
+    device = pick_device() if options.device == "auto" else torch.device("cpu") if rates else torch.device(options.device)
+    tries = [device_option(spec) for spec in options.tries]  # errors before anything runs
     workload_name = options.workload if options.workload != "auto" else ("all-layers" if device.type == "cuda" else "sentence")
+    if rates and options.workload == "auto":  # the issue's two feed workloads: MiniLM sentence, bert-base all layers
+        workload_name = "all-layers" if options.models == ("bert-base",) else "sentence"
     workload = WORKLOADS[workload_name]
     sample = load_sample(options.corpus, options.docs * max(options.memory_scale, 1))
     if options.memory_scale and len(sample.texts) < options.docs * options.memory_scale:
@@ -169,6 +175,11 @@ def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lam
             extra[name] = {"max_length": info.max_length, "num_layers": info.num_layers, "hidden": info.hidden_size,
                            "tokens": tokens, "tokenizer_tokens_per_s_one_process": tokens / tokenize_seconds}
             context = _Context(name, info, tokenizer, workload, sample, tokens, device, options, Path(scratch))
+            if rates:
+                from pipeline.bench_feed import bench_feed
+
+                extra[name]["feed"] = bench_feed(context, rates)
+                continue
             reference = None
             for method in [m for m in METHODS if m in options.methods]:  # loop first: the reference
                 measurement, vectors = METHODS[method](context)
@@ -178,6 +189,13 @@ def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lam
                     measurement.min_cosine = min_cosine(vectors, reference)
                 results.append(measurement)
                 report(measurement)
+                if method == "stage":
+                    for spec, (field_name, value) in zip(options.tries, tries):
+                        measurement, vectors = bench_stage(context, {field_name: value}, spec)
+                        if vectors is not None and reference is not None:
+                            measurement.min_cosine = min_cosine(vectors, reference)
+                        results.append(measurement)
+                        report(measurement)
             if options.profile:
                 extra[name]["profile"] = profile_stage(context)
             if options.memory_scale and name == options.models[0]:
@@ -288,25 +306,87 @@ def bench_st_encode(ctx: _Context) -> tuple[Measurement, np.ndarray | None]:
     return Measurement(ctx.name, "st_encode", ctx.tokens, seconds, note=note), vectors if comparable else None
 
 
-def _settings(ctx: _Context) -> EmbedSettings:
+def _settings(ctx: _Context, tried: dict | None = None) -> EmbedSettings:
     output = resolve_output(ctx.workload.output, ctx.info.num_layers)
-    return EmbedSettings(ctx.info, (output,), "auto", ctx.options.token_budget, ctx.workload.precision)
+    budget = (tried or {}).get("token_budget", ctx.options.token_budget)
+    options = DeviceOptions(**{k: v for k, v in (tried or {}).items() if k != "token_budget"})
+    return EmbedSettings(ctx.info, (output,), "auto", budget, ctx.workload.precision, device_options=options)
 
 
-def bench_stage(ctx: _Context) -> tuple[Measurement, np.ndarray]:
-    """(c) strata's embed stage on fragments tokenized beforehand (what one model replica does)."""
-    embedder = Embedder(_settings(ctx), ctx.device)
+TRIES = {"pass_overhead": int, "token_budget": int, "attention": str, "compile": str}
+
+
+def device_option(spec: str) -> tuple[str, object]:
+    """`--try NAME=VALUE`: one of TRIES (spec.DeviceOptions' switches, or the token budget)."""
+    name, sep, value = spec.partition("=")
+    if not sep or name not in TRIES:
+        raise StrataError(f"--try {spec!r}: give NAME=VALUE with NAME one of {', '.join(TRIES)} "
+                          "(e.g. --try compile=reduce-overhead)")
+    try:
+        return name, TRIES[name](value)
+    except ValueError:
+        raise StrataError(f"--try {spec!r}: {name} takes a number") from None
+
+
+def simulated_rates(device: str) -> list[float] | None:
+    """`sim:RATE[,RATE...]` -> the rates in tokens/s; None for a real device."""
+    if not device.startswith("sim:"):
+        return None
+    try:
+        return [Simulation.parse(f"sim:{rate}").tokens_per_s for rate in device.removeprefix("sim:").split(",")]
+    except ValueError as exc:
+        raise StrataError(f"--device {device!r}: {exc}; several rates go comma-separated: sim:20000,50000") from None
+
+
+def bench_stage(ctx: _Context, tried: dict | None = None, label: str = "") -> tuple[Measurement, np.ndarray | None]:
+    """(c) strata's embed stage on fragments tokenized beforehand (what one model replica does);
+    `tried`: device options (`--try`) it runs with instead of the defaults."""
+    method = f"stage[{label}]" if label else "stage"
+    try:
+        embedder = Embedder(_settings(ctx, tried), ctx.device)
+        embedder.embed(ctx.tokenizer.encode(ctx.sample.texts[:64]))  # warm-up (and compilation)
+    except Exception as exc:  # noqa: BLE001 - an option this machine cannot run is a result too
+        return Measurement(ctx.name, method, ctx.tokens, 0.0, note=f"skipped: {one_line(exc)}"), None
     step = ctx.options.fragment_docs
     fragments = [ctx.tokenizer.encode(ctx.sample.texts[i : i + step]) for i in range(0, len(ctx.sample.texts), step)]
-    embedder.embed(ctx.tokenizer.encode(ctx.sample.texts[:64]))  # warm-up
+    clock = PassClock(embedder.encoder) if ctx.device.type == "cuda" else None
     _synchronize(ctx.device)
     started = time.perf_counter()
     results = [embedder.embed(windows) for windows in fragments]
     seconds = time.perf_counter() - started
     padded = sum(r.padded_tokens for r in results)
     vectors = np.concatenate([r.vectors["vector"] for r in results])
-    return (Measurement(ctx.name, "stage", ctx.tokens, seconds, padding_share=1 - ctx.tokens / padded,
-                        note=f"token_budget {ctx.options.token_budget}"), _squeeze(vectors, ctx))
+    note = f"token_budget {embedder.settings.token_budget}"
+    if clock is not None:
+        note += f"; GPU busy share {clock.busy_share():.3f} (forward passes / first to last)"
+    return (Measurement(ctx.name, method, ctx.tokens, seconds, padding_share=1 - ctx.tokens / padded, note=note),
+            _squeeze(vectors, ctx))
+
+
+class PassClock:
+    """CUDA events around every forward pass of an encoder: the device's busy share is the passes'
+    time over the span from the first pass's start to the last one's end (the simulated device's
+    measure, `simulated.py`, taken on a real one). Events cost no synchronization."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        forward = encoder.forward
+
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = forward(*args, **kwargs)
+            end.record()
+            self.events.append((start, end))
+            return out
+
+        encoder.forward = timed
+
+    def busy_share(self) -> float:
+        torch.cuda.synchronize()
+        busy = sum(start.elapsed_time(end) for start, end in self.events)
+        span = self.events[0][0].elapsed_time(self.events[-1][1])
+        return busy / span if span > 0 else 1.0
 
 
 def bench_e2e(ctx: _Context) -> tuple[Measurement, np.ndarray | None]:

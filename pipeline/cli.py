@@ -292,7 +292,12 @@ def bench(
     token_budget: int = typer.Option(16384, min=2, help="strata's batching.token_budget"),
     fragment_docs: int = typer.Option(4096, min=1, help="strata's batching.fragment_docs"),
     max_length: Optional[int] = typer.Option(None, min=2, help="Tokens per sequence (default: the model's own limit)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | sim:RATE[,RATE...]: a simulated device of RATE "
+                                             "tokens/s; measures host cost per step and the device's busy share"),
+    busy_docs: int = typer.Option(2000, min=8, help="Documents of each run against a simulated device (in 8 fragments)"),
+    try_: Optional[list[str]] = typer.Option(None, "--try", help="Also run the stage with a device option, NAME=VALUE: "
+                                                                  "compile=MODE, attention=IMPL, pass_overhead=TOKENS, "
+                                                                  "token_budget=TOKENS; repeatable"),
     profile: bool = typer.Option(False, help="Also profile strata's stage: time by operator kind"),
     memory_scale: int = typer.Option(0, min=0, help="Also compare peak host memory of strata run on --docs and "
                                                      "this many times more documents (first model only)"),
@@ -311,13 +316,19 @@ def bench(
     options = bench_module.BenchOptions(
         corpus=corpus, docs=docs, models=tuple(model or ("minilm",)), workload=workload,
         methods=tuple(method or bench_module.METHODS), loop_batch=loop_batch, token_budget=token_budget,
-        fragment_docs=fragment_docs, max_length=max_length, device=device, profile=profile, memory_scale=memory_scale)
+        fragment_docs=fragment_docs, max_length=max_length, device=device, profile=profile, memory_scale=memory_scale,
+        busy_docs=busy_docs, tries=tuple(try_ or ()))
     result = bench_module.run_bench(options, report=lambda m: err.print(
         f"  {m.model} {m.method}: {m.tokens_per_s:,.0f} tokens/s {m.note}", markup=False, highlight=False))
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=2))
-    out.print(bench_table(result))
+    if result["results"]:
+        out.print(bench_table(result))
     for name, facts in result["models"].items():
+        if "feed" in facts:
+            out.print(feed_table(name, facts["feed"]))
+            if "busy" in facts["feed"]:
+                out.print(busy_table(name, facts["feed"]))
         if "memory" in facts:
             runs = facts["memory"]["runs"]
             err.print(f"  {name} host memory (peak PSS of strata run): {runs[0]['docs']:,} docs "
@@ -421,6 +432,40 @@ def jobs_stop(job_id: str = typer.Argument(..., help="Job id"), address: Optiona
 
     job = cluster.stop(cluster.connect(address), job_id)
     err.print(f"job {job.job_id}: {job.status.lower()}", markup=False, highlight=False)
+
+
+def feed_table(model: str, feed: dict) -> Table:
+    """CPU-seconds per million tokens by step, and what 2 and 16 cores can feed."""
+    per_million = feed["cpu_s_per_million_tokens"]
+    cost = feed["host_cost"]
+    table = Table(title=f"host cost, {model}: {cost['tokens']:,} tokens, {cost['fragments']} fragments "
+                        f"(CPU-seconds per million tokens)", title_justify="left")
+    table.add_column("step")
+    table.add_column("CPU-s / M tokens", justify="right")
+    table.add_column("share", justify="right")
+    total = feed["total_cpu_s_per_million_tokens"]
+    for step, seconds in per_million.items():
+        table.add_row(step, f"{seconds:.2f}", f"{seconds / total:.0%}")
+    table.add_row("total", f"{total:.2f}", "100%", style="bold")
+    for cores, rate in feed["feed_tokens_per_s"].items():
+        table.add_row(f"feeds, {cores} cores", f"{rate / 1e6:.2f} M tokens/s", "")
+    run = feed.get("whole_run")
+    if run:
+        table.add_row(f"whole run here, {run['tokens']:,} tokens", f"{run['tokens_per_s'] / 1e6:.2f} M tokens/s", "")
+        table.add_row("  its CPU-s / M tokens, all in", f"{run['cpu_s_per_million_tokens_all_in']:.2f}", "")
+    return table
+
+
+def busy_table(model: str, feed: dict) -> Table:
+    """The simulated device's busy share at each rate, one fragment at a time vs two."""
+    table = Table(title=f"simulated device, {model}: busy share (time computing / first pass to last)",
+                  title_justify="left")
+    for column in ("device tokens/s", "fragments at once", "busy share", "e2e tokens/s"):
+        table.add_column(column, justify="right")
+    for row in feed["busy"]:
+        table.add_row(f"{row['tokens_per_s_simulated']:,.0f}", str(row["fragments_at_once"]),
+                      f"{row['busy_share']:.3f}", f"{row['e2e_tokens_per_s']:,.0f}")
+    return table
 
 
 def bench_table(result: dict) -> Table:

@@ -39,13 +39,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class Embedder:
+    """One model replica. With `settings.simulation`, a simulated device (`simulated.py`) stands in
+    for the encoder: the same host code runs, the device's time is simulated."""
+
     def __init__(self, settings: EmbedSettings, device: torch.device | None = None):
         self.settings = settings
-        self.device = device or pick_device()
-        if self.device.type == "cpu" and settings.cpu_threads:
-            torch.set_num_threads(settings.cpu_threads)
         depth = max(out.depth for out in settings.outputs)
-        self.encoder = Encoder(settings.model.path, depth, pick_dtype(settings.dtype, self.device), self.device)
+        self.simulated = None
+        if settings.simulation is not None:
+            from pipeline.simulated import META, SimulatedDevice, SimulatedEncoder
+
+            self.device, self.simulated = META, SimulatedDevice(settings.simulation)
+            dtype = torch.bfloat16 if settings.dtype == "auto" else getattr(torch, settings.dtype)
+            self.encoder = SimulatedEncoder(self.simulated, depth, settings.model.hidden_size, dtype)
+        else:
+            self.device = device or pick_device()
+            if self.device.type == "cpu" and settings.cpu_threads:
+                torch.set_num_threads(settings.cpu_threads)
+            self.encoder = Encoder(settings.model.path, depth, pick_dtype(settings.dtype, self.device), self.device,
+                                   settings.device_options)
         self.torch_precision, self.numpy_precision = PRECISIONS[settings.precision]
 
     def embed(self, windows: TokenWindows) -> EmbedResult:
@@ -57,7 +69,9 @@ class Embedder:
             for out in self.settings.outputs
         }
         starts = windows.starts
-        overhead = pass_overhead_tokens(self.device.type, self.settings.token_budget)
+        overhead = self.settings.device_options.pass_overhead
+        if overhead is None:
+            overhead = pass_overhead_tokens(self.device.type, self.settings.token_budget)
         todo = pack_micro_batches(windows.lengths, self.settings.token_budget, overhead)[::-1]
         done, failed = [], {}
         while todo:  # a stack: a micro-batch that runs out of memory is split in halves and retried
@@ -78,7 +92,7 @@ class Embedder:
             for name, (index, values, weights) in contributions.items():
                 accumulators[name].add(index, values, weights)
             done.append(batch)
-        vectors = {name: acc.result().to(self.torch_precision).cpu().numpy() for name, acc in accumulators.items()}
+        vectors = {name: self._to_host(acc.result().to(self.torch_precision)) for name, acc in accumulators.items()}
         return EmbedResult(plan, vectors, units, padded_tokens(windows.lengths, done), failed)
 
     def _forward(self, windows: TokenWindows, starts: np.ndarray, batch: np.ndarray, plan: RowPlan,
@@ -88,31 +102,44 @@ class Embedder:
         width = int(windows.lengths[batch].max())
         positions = np.arange(width)[None, :]
         valid = positions < windows.lengths[batch][:, None]  # (B, T)
-        input_ids = self._padded(windows.ids, starts, batch, valid, 0)
+        input_ids = self._to_device(_padded(windows.ids, starts, batch, valid, 0))
         hidden_states = self.encoder(input_ids, self._to_device(valid.astype(np.int64)))  # depth + 1 of (B, T, D)
         lo, hi = plan.owned[batch, 0:1], plan.owned[batch, 1:2]
         owned = self._to_device((positions >= lo) & (positions < hi))
         contributions = {}
         for out in self.settings.outputs:
-            if out.token_level:
-                unit = self._padded(units[out.name].unit, starts, batch, valid, -1)
-                emit = unit >= 0
-                index = unit[emit]
-                contributions[out.name] = (index, token_vectors(hidden_states, emit, out),
-                                           torch.ones(len(index), device=self.device))
+            if out.token_level:  # which positions emit a unit, decided on the host: no device sync
+                unit = _padded(units[out.name].unit, starts, batch, valid, -1).reshape(-1)
+                emit = np.flatnonzero(unit >= 0)
+                contributions[out.name] = (self._to_device(unit[emit]),
+                                           token_vectors(hidden_states, self._to_device(emit), out),
+                                           torch.ones(len(emit), device=self.device))
             else:
                 values, weights = pool_windows(hidden_states, owned, out)
                 contributions[out.name] = (self._to_device(plan.row_of_window[batch]), values, weights)
         return contributions
 
-    def _padded(self, flat: np.ndarray, starts: np.ndarray, batch: np.ndarray, valid: np.ndarray, fill: int):
-        # the batch's windows of a flat per-token array as a (B, T) int64 tensor on the device
-        padded = np.full(valid.shape, fill, np.int64)
-        padded[valid] = np.concatenate([flat[starts[w] : starts[w + 1]] for w in batch])
-        return self._to_device(padded)
-
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        if self.simulated is not None:
+            from pipeline.simulated import to_meta
+
+            return to_meta(array)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
+
+    def _to_host(self, tensor: torch.Tensor) -> np.ndarray:
+        # the one place the host waits for the device: once per output at the end of a fragment
+        if self.simulated is not None:
+            from pipeline.simulated import to_host
+
+            return to_host(tensor, self.simulated)
+        return tensor.cpu().numpy()
+
+
+def _padded(flat: np.ndarray, starts: np.ndarray, batch: np.ndarray, valid: np.ndarray, fill: int) -> np.ndarray:
+    # the batch's windows of a flat per-token array as a (B, T) int64 array, `fill` where padded
+    padded = np.full(valid.shape, fill, np.int64)
+    padded[valid] = np.concatenate([flat[starts[w] : starts[w + 1]] for w in batch])
+    return padded

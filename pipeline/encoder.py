@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.errors import ModelError
 from pipeline.model import weights_file
+from pipeline.spec import DeviceOptions
 
 
 def pick_device() -> torch.device:
@@ -30,14 +31,15 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 class Encoder(nn.Module):
     """A Hugging Face encoder cut after layer `depth`; returns hidden states 0..depth."""
 
-    def __init__(self, path: str, depth: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, path: str, depth: int, dtype: torch.dtype, device: torch.device,
+                 options: DeviceOptions = DeviceOptions()):
         super().__init__()
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # the pooler weights we skip are not worth a warning
         hf_logging.disable_progress_bar()  # nor is a "Loading weights" bar per replica
-        model, loading = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+        model, loading = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=options.attention,
                                                    output_loading_info=True)
         # transformers fills tensors the weights lack with random values, and only logs it
         missing = sorted(key for key in loading["missing_keys"] if not key.startswith("pooler."))
@@ -52,6 +54,8 @@ class Encoder(nn.Module):
         if getattr(model, "pooler", None) is not None:
             model.pooler = None
         self.model = model.to(device).eval()
+        if options.compile:  # shapes change with every micro-batch: compiled for dynamic shapes
+            self.model = torch.compile(self.model, mode=options.compile, dynamic=True)
         self.depth = depth
 
     @torch.inference_mode()

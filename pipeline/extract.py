@@ -45,8 +45,10 @@ def pool_windows(hidden_states: tuple[torch.Tensor, ...], owned: torch.Tensor, o
 
 
 def token_vectors(hidden_states: tuple[torch.Tensor, ...], emit: torch.Tensor, out: ResolvedOutput) -> torch.Tensor:
-    """The chosen layers at the emitted positions, row-major: (B, T) bool -> (n, L, D)."""
-    return torch.stack([hidden_states[i][emit].float() for i in out.layers], dim=1)
+    """The chosen layers at the emitted positions: emit (n,) int64 flat positions b * T + t,
+    ascending -> (n, L, D). An index, not a boolean mask: a mask's result size depends on its
+    values, which makes a GPU stop and tell the host."""
+    return torch.stack([hidden_states[i].flatten(0, 1).index_select(0, emit).float() for i in out.layers], dim=1)
 
 
 class Accumulator:

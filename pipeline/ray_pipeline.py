@@ -23,6 +23,7 @@ import socket
 import threading
 import warnings
 import functools
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -34,6 +35,7 @@ from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up
 from pipeline.config import ComputeConfig
 from pipeline.errors import StrataError, Terminated, one_line, root_cause
 from pipeline.sources import Shard
+from pipeline.spec import Simulation
 from pipeline.incremental import DiffTask, diff_shard
 from pipeline.manifest import CommitRecord, FailureRecord
 from pipeline.model import local_model_path
@@ -63,6 +65,7 @@ class Resources:
     cpus_per_replica: float
     tokenizers: int  # the tokenizer pool's maximum (it starts at one)
     cpu_threads: int | None  # torch threads of a CPU replica
+    fragments_per_replica: int  # fragments a replica works on at once (2: one on the device, one on the host)
     object_store_memory: int | None  # bytes of data in flight; None = Ray Data's default
 
     def describe(self) -> str:
@@ -123,15 +126,19 @@ def cluster_resources() -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def plan_resources(compute: ComputeConfig, available: dict[str, float]) -> Resources:
+def plan_resources(compute: ComputeConfig, available: dict[str, float], simulation: Simulation | None = None) -> Resources:
     """Replica and tokenizer pools from the config and what the cluster offers now (`ray.cluster_resources()`).
 
     Without GPUs a fixed pool runs on CPU. An autoscaling pool (`max_replicas`) keeps asking for
     GPUs even when none are up yet: its pending replicas are what makes the autoscaler add GPU nodes.
+    A replica on a device works on two fragments at once, so that while one fragment's vectors
+    are read back and written out, the next one's micro-batches already keep the device busy; a
+    CPU replica works on one (two would only share the same cores). A simulated device
+    (benchmarks) is a device that needs no GPU and says how many fragments it takes at once.
     """
     cpus, gpus = float(available.get("CPU", 1)), float(available.get("GPU", 0))
     gpus_per_replica = compute.gpus_per_replica
-    if gpus == 0 and compute.max_replicas is None:
+    if simulation or (gpus == 0 and compute.max_replicas is None):
         gpus_per_replica = 0
     replicas = compute.replicas
     if replicas == "auto":
@@ -139,7 +146,7 @@ def plan_resources(compute: ComputeConfig, available: dict[str, float]) -> Resou
     if compute.max_replicas is not None:
         replicas = min(replicas, compute.max_replicas)
     max_replicas = compute.max_replicas or replicas
-    cpu_only = gpus_per_replica == 0
+    cpu_only = gpus_per_replica == 0 and simulation is None
     spare_cores = int(cpus - replicas - 2 * IO_TASK_CPUS)
     tokenizers = compute.tokenizers
     if tokenizers == "auto":  # a CPU replica's torch already uses every core: one tokenizer keeps ahead of it
@@ -147,6 +154,7 @@ def plan_resources(compute: ComputeConfig, available: dict[str, float]) -> Resou
     return Resources(
         replicas=replicas, max_replicas=max_replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=1,
         tokenizers=tokenizers, cpu_threads=max(1, int(cpus // replicas)) if cpu_only else None,
+        fragments_per_replica=1 if cpu_only else simulation.concurrent_fragments if simulation else 2,
         object_store_memory=compute.object_store_memory,
     )
 
@@ -185,7 +193,7 @@ def run_shards(work: pa.Table, job: JobSpec, resources: Resources) -> Iterator[t
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.tokenizers),
                         num_cpus=TOKENIZER_CPUS, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_actor_step(embed, "Embed"), batch_size=1, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(min_size=resources.replicas, max_size=resources.max_replicas),
+                        compute=_replica_pool(resources),
                         num_gpus=resources.gpus_per_replica,
                         num_cpus=resources.cpus_per_replica, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_write_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
@@ -199,6 +207,17 @@ def run_shards(work: pa.Table, job: JobSpec, resources: Resources) -> Iterator[t
             if row["kind"] == "fatal":
                 raise StepCannotStart(record.reason)
             yield record, row["shard_size"]
+
+
+def _replica_pool(resources: Resources) -> ray.data.ActorPoolStrategy:
+    """The model replicas' pool; a replica takes `fragments_per_replica` calls at once, on threads
+    (Ray Data's threaded actors: `max_concurrent_calls_per_actor`, `enable_true_multi_threading`).
+    A Ray Data older than those options runs one call at a time."""
+    pool = {"min_size": resources.replicas, "max_size": resources.max_replicas}
+    concurrent = resources.fragments_per_replica
+    if concurrent > 1 and "enable_true_multi_threading" in inspect.signature(ray.data.ActorPoolStrategy).parameters:
+        pool |= {"max_concurrent_calls_per_actor": concurrent, "enable_true_multi_threading": True}
+    return ray.data.ActorPoolStrategy(**pool)
 
 
 def run_diffs(tasks: list[DiffTask], job: JobSpec) -> Iterator[dict]:

@@ -32,7 +32,7 @@ from pipeline.model import ModelInfo, check_model_folder, resolve_model
 from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, byte_size, count_of, summary_table
 from pipeline.sources import count_rows, keep_schema, shard_table, shards_of
-from pipeline.spec import EmbedSettings, ResolvedOutput, resolve_output
+from pipeline.spec import EmbedSettings, ResolvedOutput, Simulation, resolve_output
 from pipeline.stages import JobSpec
 from pipeline.storage import Location, open_fs, overlap
 from pipeline.tokenize import TextTokenizer
@@ -180,9 +180,11 @@ def _unit(out: ResolvedOutput, config: StrataConfig) -> str:
     return "window" if config.long_text.window_rows else "document"
 
 
-def run(config: StrataConfig, console: Console | None = None, if_free: bool = False) -> dict | None:
+def run(config: StrataConfig, console: Console | None = None, if_free: bool = False,
+        simulation: Simulation | None = None) -> dict | None:
     """Embed every pending fragment; returns the summary (also saved in run.json). With
-    `if_free`, a run that finds another live run on its output returns None instead of failing."""
+    `if_free`, a run that finds another live run on its output returns None instead of failing.
+    `simulation` (benchmarks only) puts a simulated device in place of the model."""
     console = console or Console(stderr=True)
     started = time.monotonic()
     resolved = resolve(config)
@@ -197,7 +199,7 @@ def run(config: StrataConfig, console: Console | None = None, if_free: bool = Fa
         console.print(f"strata: skipping this run: {busy}", markup=False, highlight=False)
         return None
     with lease:
-        return _run_holding_the_output(config, resolved, location, console, started)
+        return _run_holding_the_output(config, resolved, location, console, started, simulation)
 
 
 def _say(console: Console, line: str) -> None:
@@ -205,7 +207,7 @@ def _say(console: Console, line: str) -> None:
 
 
 def _run_holding_the_output(config: StrataConfig, resolved, location: Location, console: Console,
-                            started: float) -> dict:
+                            started: float, simulation: Simulation | None = None) -> dict:
     manifest = Manifest(location)
     current = versions.read_snapshot(location)
     skipped: list[str] = []
@@ -246,7 +248,7 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     this_run: list[CommitRecord] = []
     failed: list[FailureRecord] = list(plan.bad_shards)
     if todo.num_rows:
-        this_run, failed_fragments = _execute(plan, todo, own, manifest, console)
+        this_run, failed_fragments = _execute(plan, todo, own, manifest, console, simulation)
         failed += failed_fragments
     elif not plan.bad_shards:
         _say(console, "nothing to embed, every fragment is committed")
@@ -415,11 +417,12 @@ def _snapshot(plan: Plan, records: list[CommitRecord]) -> versions.Snapshot:
                              sorted(records, key=lambda r: r.fragment), reason=plan.reason, identity=plan.identity)
 
 
-def _job(plan: Plan, cpu_threads: int | None = None) -> JobSpec:
+def _job(plan: Plan, cpu_threads: int | None = None, simulation: Simulation | None = None) -> JobSpec:
     """What the workers need to know about this run, resolved here on the driver."""
     long_text = plan.config.long_text
     settings = EmbedSettings(plan.model, plan.outputs, plan.config.model.dtype, plan.config.batching.token_budget,
-                             plan.config.output.precision, cpu_threads, window_rows=long_text.window_rows)
+                             plan.config.output.precision, cpu_threads, window_rows=long_text.window_rows,
+                             simulation=simulation)
     metadata = file_metadata(plan.model.name, plan.model.weights_sha256,
                              {o.name: list(o.layers) for o in plan.outputs}, plan.fingerprint)
     return JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
@@ -429,18 +432,18 @@ def _job(plan: Plan, cpu_threads: int | None = None) -> JobSpec:
 
 
 def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Manifest,
-             console: Console) -> tuple[list[CommitRecord], list[FailureRecord]]:
+             console: Console, simulation: Simulation | None = None) -> tuple[list[CommitRecord], list[FailureRecord]]:
     from pipeline import ray_pipeline
     from pipeline.metrics import RunMetrics
 
     ray_pipeline.ensure_ray()
     available = ray_pipeline.cluster_resources()
-    resources = ray_pipeline.plan_resources(plan.config.compute, available)
+    resources = ray_pipeline.plan_resources(plan.config.compute, available, simulation)
     waiting = ""
     if resources.gpus_per_replica and not available.get("GPU"):
         waiting = " (no GPU in the cluster yet: waiting for the autoscaler to add GPU nodes)"
     console.print(f"strata: {resources.describe()}{waiting}", markup=False, highlight=False)
-    job = _job(plan, resources.cpu_threads)
+    job = _job(plan, resources.cpu_threads, simulation)
     records: list[CommitRecord] = []
     failures: list[FailureRecord] = []
     unfolded: list[CommitRecord] = []

@@ -7,7 +7,7 @@ without importing torch, which keeps their start-up fast and their memory small.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.config import LayerSpec, OutputSpec
 from pipeline.errors import ConfigError
@@ -84,6 +84,40 @@ def resolve_output(spec: OutputSpec, num_layers: int) -> ResolvedOutput:
 
 
 @dataclass(frozen=True)
+class DeviceOptions:
+    """Speed-ups that only a GPU can decide, each off by default until `strata bench --try` has
+    measured it on one (docs/BENCHMARKS.md). Not config keys: a benchmark's switches."""
+
+    pass_overhead: int | None = None  # tokens the packer counts per forward pass; None = the device's default
+    attention: str = "sdpa"  # transformers' attn_implementation (flash_attention_2 unpads inside attention)
+    compile: str | None = None  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """A simulated accelerator in place of the encoder (`strata bench --device sim:TOKENS_PER_S`,
+    `pipeline/simulated.py`): never a run option, its vectors are zeros. `stats_file` is where
+    the replica reports the simulated device's clock (JSON, rewritten after every read-back);
+    `concurrent_fragments`: fragments a replica works on at once (1 shows what overlap gains)."""
+
+    tokens_per_s: float
+    stats_file: str | None = None
+    concurrent_fragments: int = 2
+
+    @classmethod
+    def parse(cls, device: str, stats_file: str | None = None) -> "Simulation":
+        """`sim:TOKENS_PER_S` (e.g. `sim:50000`, `sim:4e6`); ValueError for anything else."""
+        kind, _, rate = device.partition(":")
+        try:
+            tokens_per_s = float(rate)
+        except ValueError:
+            tokens_per_s = 0.0
+        if kind != "sim" or not tokens_per_s > 0 or tokens_per_s == float("inf"):
+            raise ValueError(f"a simulated device is sim:TOKENS_PER_S with a rate above 0 (e.g. sim:50000), not {device!r}")
+        return cls(tokens_per_s, stats_file)
+
+
+@dataclass(frozen=True)
 class EmbedSettings:
     model: ModelInfo
     outputs: tuple[ResolvedOutput, ...]
@@ -92,6 +126,8 @@ class EmbedSettings:
     precision: str  # float16 | float32
     cpu_threads: int | None = None  # torch threads on a CPU replica; None = torch's default
     window_rows: bool = False  # one output row per window (long_text.aggregate: none)
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    simulation: Simulation | None = None  # benchmarks only: a simulated device instead of the model
 
     @property
     def token_details(self) -> bool:

@@ -59,7 +59,7 @@ def test_windows_of_one_unit_merge_token_weighted(batch):
 def test_token_vectors_keep_the_emitted_positions_in_order(batch):
     hidden, mask, _ = batch
     out = output("none", layers=[1, 3])
-    vectors = token_vectors(hidden, mask, out)
+    vectors = token_vectors(hidden, mask.flatten().nonzero().flatten(), out)
     assert vectors.shape == (9, 2, 4)
     assert torch.equal(vectors[5, 1], hidden[3][1, 0]) and torch.equal(vectors[8, 0], hidden[1][2, 0])
 

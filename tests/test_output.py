@@ -29,3 +29,26 @@ def test_folder_names_are_bounded_and_cut_values_keep_a_hash():
 def test_values_that_differ_by_case_never_share_a_file(values):
     files = partition_files(pa.table({"lang": values}), "lang", "frag")
     assert len({path.casefold() for path, _ in files}) == len(values)
+
+
+def test_vector_values_are_stored_without_dictionary_or_statistics_and_read_back_exactly():
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.output import parquet_bytes, vector_array
+
+    vectors = np.random.default_rng(0).standard_normal((6, 3, 4)).astype(np.float16)
+    table = pa.table({"id": [f"d{i}" for i in range(6)], "span": [{"start": i, "end": i + 1} for i in range(6)],
+                      "vector": vector_array(vectors),
+                      "tokens": pa.ListArray.from_arrays(pa.array([0, 2, 2, 5, 6, 6, 6], pa.int32()),
+                                                         vector_array(vectors[:, 0]))})
+    data = parquet_bytes(table)
+    assert pq.read_table(io.BytesIO(data)).equals(table)
+    columns = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(0)
+    by_path = {columns.column(i).path_in_schema: columns.column(i) for i in range(columns.num_columns)}
+    for path in ("vector.list.element.list.element", "tokens.list.element.list.element"):
+        assert not by_path[path].is_stats_set and "RLE_DICTIONARY" not in by_path[path].encodings, path
+    for path in ("id", "span.start"):  # what readers filter on keeps both
+        assert by_path[path].is_stats_set and "RLE_DICTIONARY" in by_path[path].encodings, path

@@ -40,3 +40,15 @@ def test_a_max_length_with_no_room_for_text_is_refused(model_info):
                                           r"tokens; use at least 3"):
         TextTokenizer(model_info.path, 2)
     assert TextTokenizer(model_info.path, 3).encode(["hello world"]).n_tokens.tolist() == [3]
+
+
+def test_without_token_details_the_tokenizer_skips_offsets_and_gives_the_same_windows(model_info):
+    import numpy as np
+
+    texts = [json.loads(line)["text"] for line in (CORPUS / "part-0.jsonl").read_text().splitlines()[:30]]
+    texts += ["", "x " * 400]
+    plain = TextTokenizer(model_info.path, 64).encode(texts)  # encode_batch_fast
+    detailed = TextTokenizer(model_info.path, 64, details=True).encode(texts)  # encode_batch, offsets and all
+    for field in ("ids", "lengths", "doc", "owned", "n_tokens", "truncated"):
+        assert np.array_equal(getattr(plain, field), getattr(detailed, field)), field
+    assert plain.truncated.any() and plain.offsets is None
