@@ -79,7 +79,7 @@ class BenchOptions:
     device: str = "auto"
     profile: bool = False
     memory_scale: int = 0  # > 0: also compare peak host memory of e2e on docs and memory_scale × docs
-    busy_docs: int = 2000  # documents of each simulated-device run (--device sim:RATE)
+    busy_docs: int = 2000  # documents of each simulated-device run (--device sim:RATE); 0 = host cost only
     tries: tuple[str, ...] = ()  # device options the stage also runs with, one at a time (NAME=VALUE)
 
 

@@ -196,6 +196,12 @@ def whole_run(ctx) -> dict:
     return {**run, "cpu_s_per_million_tokens_all_in": run["cpu_s"] / run["tokens"] * 1e6}
 
 
+def fixed_cpu_s(feed: dict) -> float | None:
+    """The whole run's CPU beyond its tokens' host cost: start-up (workers, model, tokenizer)."""
+    run = feed.get("whole_run")
+    return run and run["cpu_s"] - run["tokens"] / 1e6 * feed["total_cpu_s_per_million_tokens"]
+
+
 def feed_rates(per_million: dict[str, float]) -> dict:
     """Tokens per second a node of C cores can feed, for each C in NODE_CORES."""
     total = sum(per_million.values())
@@ -225,6 +231,8 @@ def bench_feed(ctx, rates: list[float]) -> dict:
     per_million = cost["cpu_s_per_million_tokens"]
     result = {"host_cost": cost, "cpu_s_per_million_tokens": per_million,
               "total_cpu_s_per_million_tokens": sum(per_million.values()), "feed_tokens_per_s": feed_rates(per_million)}
+    if not ctx.options.busy_docs:
+        return result
     try:
         import ray  # noqa: F401 - whole runs need it
     except ImportError:

@@ -294,7 +294,8 @@ def bench(
     max_length: Optional[int] = typer.Option(None, min=2, help="Tokens per sequence (default: the model's own limit)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | sim:RATE[,RATE...]: a simulated device of RATE "
                                              "tokens/s; measures host cost per step and the device's busy share"),
-    busy_docs: int = typer.Option(2000, min=8, help="Documents of each run against a simulated device (in 8 fragments)"),
+    busy_docs: int = typer.Option(2000, min=0, help="Documents of each whole run against a simulated device (in 8 "
+                                                    "fragments); 0 = the host cost table only"),
     try_: Optional[list[str]] = typer.Option(None, "--try", help="Also run the stage with a device option, NAME=VALUE: "
                                                                   "compile=MODE, attention=IMPL, pass_overhead=TOKENS, "
                                                                   "token_budget=TOKENS; repeatable"),
@@ -327,7 +328,7 @@ def bench(
     for name, facts in result["models"].items():
         if "feed" in facts:
             out.print(feed_table(name, facts["feed"]))
-            if "busy" in facts["feed"]:
+            if "busy" in facts["feed"]:  # not with --busy-docs 0 or without Ray
                 out.print(busy_table(name, facts["feed"]))
         if "memory" in facts:
             runs = facts["memory"]["runs"]
@@ -453,6 +454,9 @@ def feed_table(model: str, feed: dict) -> Table:
     if run:
         table.add_row(f"whole run here, {run['tokens']:,} tokens", f"{run['tokens_per_s'] / 1e6:.2f} M tokens/s", "")
         table.add_row("  its CPU-s / M tokens, all in", f"{run['cpu_s_per_million_tokens_all_in']:.2f}", "")
+        from pipeline.bench_feed import fixed_cpu_s
+
+        table.add_row("  of which fixed (start-up), CPU-s", f"{fixed_cpu_s(feed):.1f}", "")
     return table
 
 

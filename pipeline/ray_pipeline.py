@@ -70,10 +70,12 @@ class Resources:
 
     def describe(self) -> str:
         pool = str(self.replicas) if self.max_replicas == self.replicas else f"{self.replicas}-{self.max_replicas}"
-        device = f"{self.gpus_per_replica:g} GPU" if self.gpus_per_replica else f"CPU, {self.cpu_threads} threads"
+        device = f"{self.gpus_per_replica:g} GPU" if self.gpus_per_replica else \
+            f"CPU, {self.cpu_threads} threads" if self.cpu_threads else "a simulated device"
+        device += " each" + (f", {self.fragments_per_replica} fragments at once" if self.fragments_per_replica > 1 else "")
         replicas = "model replica" + ("" if self.max_replicas == 1 else "s")
         tokenizers = "tokenizer" + ("" if self.tokenizers == 1 else "s")
-        return f"{pool} {replicas} ({device} each), up to {self.tokenizers} {tokenizers}"
+        return f"{pool} {replicas} ({device}), up to {self.tokenizers} {tokenizers}"
 
 
 def ensure_ray() -> None:

@@ -92,3 +92,45 @@ def test_cli_errors_are_one_line(tmp_path):
     assert_one_line_error(strata("bench", "--corpus", SHARD, "--method", "fast"), "unknown method 'fast'")
     assert_one_line_error(strata("bench", "--corpus", SHARD, "--docs", "200", "--memory-scale", "2",
                                  "--method", "stage"), "needs 400 documents")
+
+
+def test_simulated_device_reports_host_cost_by_step(ray_cluster):
+    """(Whole runs against a simulated device: tests/test_simulated.py.)"""
+    result = run_bench(BenchOptions(corpus=SHARD, docs=24, fragment_docs=6, busy_docs=0, device="sim:1e9",
+                                    models=("minilm",)))
+    assert result["results"] == []  # no model ran: only the feed tables
+    feed = result["models"]["minilm"]["feed"]
+    cost = feed["host_cost"]
+    assert cost["docs"] == 24 and cost["fragments"] == 4 and cost["tokens"] == result["models"]["minilm"]["tokens"]
+    per_million = feed["cpu_s_per_million_tokens"]
+    assert set(per_million) == {"read", "tokenize", "replica", "write", "ray"} and all(v > 0 for v in per_million.values())
+    assert feed["feed_tokens_per_s"]["16"] == pytest.approx(8 * feed["feed_tokens_per_s"]["2"])
+    assert feed["feed_tokens_per_s"]["2"] == pytest.approx(2e6 / sum(per_million.values()))
+    assert "whole_run" not in feed and "busy" not in feed  # --busy-docs 0: the host cost table only
+    json.dumps(result)
+
+
+@pytest.mark.parametrize("device", ["sim:0", "sim:abc", "sim:", "sim:1,,2"])
+def test_a_bad_simulated_device_is_one_clear_error(device):
+    from pipeline.bench import simulated_rates
+    from pipeline.errors import StrataError
+
+    with pytest.raises(StrataError, match="sim:TOKENS_PER_S"):
+        simulated_rates(device)
+
+
+@pytest.mark.parametrize("spec, message", [("compile", "NAME=VALUE"), ("speed=3", "NAME=VALUE"),
+                                           ("token_budget=lots", "takes a number")])
+def test_a_bad_try_is_one_clear_error(spec, message):
+    from pipeline.bench import device_option
+    from pipeline.errors import StrataError
+
+    with pytest.raises(StrataError, match=message):
+        device_option(spec)
+
+
+def test_an_option_the_machine_cannot_run_is_reported_as_skipped():
+    result = run_bench(BenchOptions(corpus=SHARD, docs=6, methods=("loop", "stage"), device="cpu",
+                                    tries=("attention=no_such_attention",)))
+    tried = by_method(result)["stage[attention=no_such_attention]"]
+    assert tried["tokens_per_s"] == 0 and tried["note"].startswith("skipped:") and "\n" not in tried["note"]

@@ -16,7 +16,7 @@ def test_cpu_only_cluster_runs_one_cpu_replica_with_every_core():
 def test_gpu_cluster_gets_one_replica_per_gpu_and_the_spare_cores_tokenize():
     plan = plan_resources(ComputeConfig(), {"CPU": 16.0, "GPU": 4.0})
     assert (plan.replicas, plan.max_replicas, plan.gpus_per_replica, plan.cpu_threads) == (4, 4, 1, None)
-    assert plan.describe() == "4 model replicas (1 GPU each), up to 11 tokenizers"
+    assert plan.describe() == "4 model replicas (1 GPU each, 2 fragments at once), up to 11 tokenizers"
     assert plan.tokenizers == 11  # 16 CPUs - 4 replicas - the read and write tasks' half CPU
     assert plan_resources(ComputeConfig(gpus_per_replica=0.5), {"CPU": 16.0, "GPU": 2.0}).replicas == 4
 
@@ -24,7 +24,7 @@ def test_gpu_cluster_gets_one_replica_per_gpu_and_the_spare_cores_tokenize():
 def test_autoscaling_pool_keeps_asking_for_gpus_before_any_gpu_node_is_up():
     waiting = plan_resources(ComputeConfig(max_replicas=8), {"CPU": 4.0})
     assert (waiting.replicas, waiting.max_replicas, waiting.gpus_per_replica) == (1, 8, 1)
-    assert waiting.describe().startswith("1-8 model replicas (1 GPU each)")
+    assert waiting.describe().startswith("1-8 model replicas (1 GPU each, 2 fragments at once)")
     grown = plan_resources(ComputeConfig(max_replicas=8), {"CPU": 32.0, "GPU": 3.0})
     assert (grown.replicas, grown.max_replicas) == (3, 8)
     capped = plan_resources(ComputeConfig(max_replicas=2), {"CPU": 32.0, "GPU": 4.0})
