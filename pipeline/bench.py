@@ -38,6 +38,7 @@ from pipeline.model import ModelInfo, default_model_path, resolve_model
 from pipeline.spec import DeviceOptions, EmbedSettings, Simulation, resolve_output
 from pipeline.tokenize import TextTokenizer
 
+MIN_SIMULATED_RATE = 100.0  # tokens/s: slower, a simulated run of a few thousand documents takes hours
 COSINE_FLOOR = 0.999  # a method whose vectors fall below this against the loop's computes something else
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -115,13 +116,23 @@ def load_sample(corpus: str, docs: int) -> Sample:
     if not path.is_file():
         raise StrataError(f"bench corpus {corpus} is not a file; give a .jsonl or .jsonl.gz with id and text fields")
     ids, texts = [], []
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as lines:
-        for line in lines:
-            if len(texts) == docs:
-                break
-            record = json.loads(line)
-            ids.append(str(record["id"]))
-            texts.append(record["text"])
+    number = 0
+    try:
+        with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as lines:
+            for number, line in enumerate(lines, 1):
+                if len(texts) == docs:
+                    break
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str) or "id" not in record:
+                    raise StrataError(f"bench corpus {corpus}, line {number}: not a JSON object with an id and a "
+                                      "string text")
+                ids.append(str(record["id"]))
+                texts.append(record["text"])
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise StrataError(f"bench corpus {corpus}, line {number}: {one_line(exc)}; give a .jsonl or .jsonl.gz "
+                          "with id and text fields") from None
+    if not texts:
+        raise StrataError(f"bench corpus {corpus} holds no documents")
     return Sample(ids, texts)
 
 
@@ -149,8 +160,10 @@ def model_folder(name: str, scratch: Path, vocabulary: Path | None = None) -> Pa
 def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lambda m: None) -> dict:
     """Measure every method for every model; returns the JSON-ready result."""
     rates = simulated_rates(options.device)
-    device = pick_device() if options.device == "auto" else torch.device("cpu") if rates else torch.device(options.device)
+    device = torch.device("cpu") if rates else bench_device(options.device)
     tries = [device_option(spec) for spec in options.tries]  # errors before anything runs
+    if rates and tries:
+        raise StrataError("--try runs the stage once more on a real device; it does nothing with --device sim:")
     workload_name = options.workload if options.workload != "auto" else ("all-layers" if device.type == "cuda" else "sentence")
     if rates and options.workload == "auto":  # the issue's two feed workloads: MiniLM sentence, bert-base all layers
         workload_name = "all-layers" if options.models == ("bert-base",) else "sentence"
@@ -313,29 +326,53 @@ def _settings(ctx: _Context, tried: dict | None = None) -> EmbedSettings:
     return EmbedSettings(ctx.info, (output,), "auto", budget, ctx.workload.precision, device_options=options)
 
 
-TRIES = {"pass_overhead": int, "token_budget": int, "attention": str, "compile": str}
+TRIES = {"pass_overhead": 0, "token_budget": 2, "attention": None, "compile": None}  # name: least number, or text
 
 
 def device_option(spec: str) -> tuple[str, object]:
     """`--try NAME=VALUE`: one of TRIES (spec.DeviceOptions' switches, or the token budget)."""
     name, sep, value = spec.partition("=")
-    if not sep or name not in TRIES:
+    if not sep or name not in TRIES or not value:
         raise StrataError(f"--try {spec!r}: give NAME=VALUE with NAME one of {', '.join(TRIES)} "
                           "(e.g. --try compile=reduce-overhead)")
+    least = TRIES[name]
+    if least is None:
+        return name, value
+    if not value.isdigit() or int(value) < least:
+        raise StrataError(f"--try {spec!r}: {name} takes a whole number of tokens, at least {least}")
+    return name, int(value)
+
+
+def bench_device(device: str) -> torch.device:
+    """--device auto | cpu | cuda[:N] | mps as a torch device; a StrataError for anything else or
+    for a device this machine does not have."""
+    if device == "auto":
+        return pick_device()
     try:
-        return name, TRIES[name](value)
-    except ValueError:
-        raise StrataError(f"--try {spec!r}: {name} takes a number") from None
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise StrataError(f"--device {device!r}: give auto, cpu, cuda (cuda:N) or sim:TOKENS_PER_S") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise StrataError(f"--device {device!r}: this machine has no CUDA device (torch {torch.__version__}); "
+                          "use cpu, or sim:TOKENS_PER_S for a simulated one")
+    return chosen
 
 
 def simulated_rates(device: str) -> list[float] | None:
     """`sim:RATE[,RATE...]` -> the rates in tokens/s; None for a real device."""
     if not device.startswith("sim:"):
         return None
-    try:
-        return [Simulation.parse(f"sim:{rate}").tokens_per_s for rate in device.removeprefix("sim:").split(",")]
-    except ValueError as exc:
-        raise StrataError(f"--device {device!r}: {exc}; several rates go comma-separated: sim:20000,50000") from None
+    rates = []
+    for rate in device.removeprefix("sim:").split(","):
+        try:
+            rates.append(Simulation.parse(f"sim:{rate}").tokens_per_s)
+        except ValueError:
+            rates.append(0.0)
+        if rates[-1] < MIN_SIMULATED_RATE:
+            raise StrataError(f"--device {device!r}: rate {rate!r} is not a number of tokens/s of at least "
+                              f"{MIN_SIMULATED_RATE:g} (sim:TOKENS_PER_S; several go comma-separated: "
+                              "sim:20000,50000)")
+    return rates
 
 
 def bench_stage(ctx: _Context, tried: dict | None = None, label: str = "") -> tuple[Measurement, np.ndarray | None]:

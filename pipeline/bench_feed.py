@@ -90,7 +90,7 @@ def host_cost(ctx) -> dict:
         raise RuntimeError(f"host-cost run failed a fragment: {failed[0]}")
     tokens = sum(r.tokens for r in records)
     cpu = {step: seconds for step, seconds in cpu.items() if seconds is not None}
-    return {"docs": len(ctx.sample.texts), "fragments": len(records), "tokens": tokens, "cpu_s": cpu,
+    return {"docs": len(ctx.sample.texts), "shards": len(shards), "fragments": len(records), "tokens": tokens, "cpu_s": cpu,
             "cpu_s_per_million_tokens": {step: seconds / tokens * 1e6 for step, seconds in cpu.items()}}
 
 

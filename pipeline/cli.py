@@ -439,8 +439,8 @@ def feed_table(model: str, feed: dict) -> Table:
     """CPU-seconds per million tokens by step, and what 2 and 16 cores can feed."""
     per_million = feed["cpu_s_per_million_tokens"]
     cost = feed["host_cost"]
-    table = Table(title=f"host cost, {model}: {cost['tokens']:,} tokens, {cost['fragments']} fragments "
-                        f"(CPU-seconds per million tokens)", title_justify="left")
+    table = Table(title=f"host cost, {model}: {cost['docs']:,} docs in {cost['shards']} shards, {cost['fragments']} "
+                        f"fragments, {cost['tokens']:,} tokens (CPU-seconds per million tokens)", title_justify="left")
     table.add_column("step")
     table.add_column("CPU-s / M tokens", justify="right")
     table.add_column("share", justify="right")
@@ -449,10 +449,10 @@ def feed_table(model: str, feed: dict) -> Table:
         table.add_row(step, f"{seconds:.2f}", f"{seconds / total:.0%}")
     table.add_row("total", f"{total:.2f}", "100%", style="bold")
     for cores, rate in feed["feed_tokens_per_s"].items():
-        table.add_row(f"feeds, {cores} cores", f"{rate / 1e6:.2f} M tokens/s", "")
+        table.add_row(f"feeds, {cores} cores", f"{rate:,.0f} tokens/s", "")
     run = feed.get("whole_run")
     if run:
-        table.add_row(f"whole run here, {run['tokens']:,} tokens", f"{run['tokens_per_s'] / 1e6:.2f} M tokens/s", "")
+        table.add_row(f"whole run here, {run['tokens']:,} tokens", f"{run['tokens_per_s']:,.0f} tokens/s", "")
         table.add_row("  its CPU-s / M tokens, all in", f"{run['cpu_s_per_million_tokens_all_in']:.2f}", "")
         from pipeline.bench_feed import fixed_cpu_s
 

@@ -87,6 +87,20 @@ def test_cli_writes_json_profile_and_memory(tmp_path):
     assert facts["memory"]["ratio"] == pytest.approx(runs[1]["peak_pss_bytes"] / runs[0]["peak_pss_bytes"])
 
 
+def test_a_corpus_that_is_not_jsonl_is_one_clear_error(tmp_path):
+    from pipeline.bench import load_sample
+    from pipeline.errors import StrataError
+
+    (tmp_path / "text.jsonl").write_text("just words\n")
+    (tmp_path / "list.jsonl").write_text('{"id": 1, "text": "a"}\n[1, 2]\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "cut.jsonl.gz").write_bytes(__import__("gzip").compress(b'{"id": 1, "text": "a"}\n' * 500)[:-40])
+    for name, message in [("text.jsonl", "line 1"), ("list.jsonl", "line 2: not a JSON object"),
+                          ("empty.jsonl", "holds no documents"), ("cut.jsonl.gz", "cut.jsonl.gz")]:
+        with pytest.raises(StrataError, match=message):
+            load_sample(str(tmp_path / name), 1000)
+
+
 def test_cli_errors_are_one_line(tmp_path):
     assert_one_line_error(strata("bench", "--corpus", str(tmp_path / "nope.jsonl")), "nope.jsonl", "is not a file")
     assert_one_line_error(strata("bench", "--corpus", SHARD, "--method", "fast"), "unknown method 'fast'")
@@ -110,7 +124,7 @@ def test_simulated_device_reports_host_cost_by_step(ray_cluster):
     json.dumps(result)
 
 
-@pytest.mark.parametrize("device", ["sim:0", "sim:abc", "sim:", "sim:1,,2"])
+@pytest.mark.parametrize("device", ["sim:0", "sim:abc", "sim:", "sim:1,,2", "sim:1e-300", "sim:50", "sim:inf"])
 def test_a_bad_simulated_device_is_one_clear_error(device):
     from pipeline.bench import simulated_rates
     from pipeline.errors import StrataError
@@ -119,8 +133,20 @@ def test_a_bad_simulated_device_is_one_clear_error(device):
         simulated_rates(device)
 
 
-@pytest.mark.parametrize("spec, message", [("compile", "NAME=VALUE"), ("speed=3", "NAME=VALUE"),
-                                           ("token_budget=lots", "takes a number")])
+@pytest.mark.parametrize("device", ["sim", "SIM:1000", "tpu", "", "cuda"])
+def test_a_device_this_machine_lacks_is_one_clear_error(device):
+    from pipeline.bench import bench_device
+    from pipeline.errors import StrataError
+
+    if device == "cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(StrataError, match="--device"):
+        bench_device(device)
+
+
+@pytest.mark.parametrize("spec, message", [("compile", "NAME=VALUE"), ("speed=3", "NAME=VALUE"), ("compile=", "NAME=VALUE"),
+                                           ("token_budget=lots", "whole number"), ("token_budget=1", "at least 2"),
+                                           ("pass_overhead=-5", "whole number"), ("token_budget=1e3", "whole number")])
 def test_a_bad_try_is_one_clear_error(spec, message):
     from pipeline.bench import device_option
     from pipeline.errors import StrataError
