@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from pipeline.config import load_config, to_yaml
+from pipeline import errors
 from pipeline.errors import StrataError, Terminated
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -492,6 +493,8 @@ def main() -> None:
     # a stopped run unwinds instead, gives its lease back and exits 143, as after Ctrl-C
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
+    errors.clear_stops()
     try:
         code = app(standalone_mode=False)
     except StrataError as exc:
@@ -511,6 +514,8 @@ def main() -> None:
             raise
         err.print(f"error: cannot write to standard output: {exc.strerror or exc}", markup=False, highlight=False)
         sys.exit(1)
+    finally:  # a stop belongs to this command (the process may run another: tests)
+        errors.clear_stops()
     if code == 130:  # typer turns Ctrl-C into this code when it does not exit itself
         err.print("interrupted; committed work is kept: rerun the same command to resume", markup=False,
                   highlight=False)
@@ -527,7 +532,11 @@ def _stdout_failed(exc: OSError) -> bool:
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated()
+    errors.stop(Terminated)
+
+
+def _interrupt(signum, frame) -> None:
+    errors.stop(KeyboardInterrupt)
 
 
 if __name__ == "__main__":

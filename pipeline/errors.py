@@ -10,6 +10,28 @@ class Terminated(BaseException):
     """The process was asked to stop (SIGTERM): unwinds like Ctrl-C, so the lease is given back."""
 
 
+_STOPS: list[type[BaseException]] = []  # stops asked for by a signal in this process, oldest first
+
+
+def stop(kind: type[BaseException]) -> None:
+    """A signal handler's body: remember the stop, then raise it (KeyboardInterrupt, Terminated).
+    A library that swallows the exception where it lands (seen once: a Ctrl-C during a run that
+    then ran to its end) does not swallow the stop: the run loop asks `raise_if_stopped`."""
+    _STOPS.append(kind)
+    raise kind()
+
+
+def raise_if_stopped() -> None:
+    """Raise the stop a signal asked for, if any (called between a run's fragments)."""
+    if _STOPS:
+        raise _STOPS[0]()
+
+
+def clear_stops() -> None:
+    """Forget earlier stops (a CLI command starting in a process that ran one before: tests)."""
+    _STOPS.clear()
+
+
 class StrataError(Exception):
     """Base of every user-fixable error; the message names the thing and the fix."""
 

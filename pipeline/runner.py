@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rich.console import Console
 
-from pipeline import faults, versions
+from pipeline import errors, faults, versions
 from pipeline.changes import KINDS
 from pipeline.config import StrataConfig, fingerprint_of, identity_changes, redacted
 from pipeline.errors import ConfigError, InputError, StrataError, root_cause
@@ -467,6 +467,7 @@ def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Mani
                         manifest.fold(unfolded)
                         unfolded = []
                     faults.maybe_kill("run", len(records))
+                    errors.raise_if_stopped()  # a Ctrl-C or SIGTERM that a library swallowed where it landed
                 remaining = remaining.slice(0, 0)
             except ray_pipeline.StepCannotStart as exc:
                 raise RunFailed(f"{exc}; nothing more can be embedded until that is fixed (committed fragments are "

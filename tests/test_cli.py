@@ -238,3 +238,22 @@ def test_a_standard_output_that_cannot_be_written_is_one_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(path)], stdout=full,
                                 stderr=subprocess.PIPE, text=True, timeout=300)
     assert_one_line_error(result, "cannot write to standard output: No space left on device")
+
+
+def test_a_stop_that_a_library_swallows_still_stops_the_run():
+    """A Ctrl-C (or SIGTERM) raises where it lands; if a library swallows it there, the run loop
+    still sees it between fragments (errors.raise_if_stopped)."""
+    from pipeline import errors
+    from pipeline.errors import Terminated
+
+    errors.clear_stops()
+    errors.raise_if_stopped()  # nothing asked: nothing raised
+    for kind in (KeyboardInterrupt, Terminated):
+        try:
+            errors.stop(kind)  # what the signal handler does
+        except BaseException:  # noqa: BLE001 - the library that swallows it
+            pass
+        with pytest.raises(kind):
+            errors.raise_if_stopped()
+        errors.clear_stops()
+    errors.raise_if_stopped()
