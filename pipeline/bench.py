@@ -449,15 +449,18 @@ def bench_e2e(ctx: _Context) -> tuple[Measurement, np.ndarray | None]:
             _squeeze(vectors, ctx))
 
 
-def e2e_config(ctx: _Context, sample: Sample, root: Path) -> StrataConfig:
-    """A run over the sample written as 4 JSONL shards under root/input, output under root/output."""
+def e2e_config(ctx: _Context, sample: Sample, root: Path, fragment_docs: int | None = None,
+               compressed: bool = False) -> StrataConfig:
+    """A run over the sample written as 4 JSONL shards (gzip when `compressed`) under root/input,
+    output under root/output; `fragment_docs` None = the bench's option."""
     shutil.rmtree(root, ignore_errors=True)
-    write_shards(sample, root / "input", shards=4)
+    write_shards(sample, root / "input", shards=4, compressed=compressed)
     return StrataConfig.model_validate({
         "input": {"uri": str(root / "input")},
         "model": {"name_or_path": ctx.info.path, "max_length": ctx.info.max_length},
         "outputs": [ctx.workload.output.model_dump()],
-        "batching": {"token_budget": ctx.options.token_budget, "fragment_docs": ctx.options.fragment_docs},
+        "batching": {"token_budget": ctx.options.token_budget,
+                     "fragment_docs": fragment_docs or ctx.options.fragment_docs},
         "output": {"uri": str(root / "output"), "precision": ctx.workload.precision},
     })
 
@@ -479,11 +482,12 @@ def bench_memory(ctx: _Context, larger: Sample) -> dict:
     return {"model": ctx.name, "runs": runs, "ratio": runs[1]["peak_pss_bytes"] / runs[0]["peak_pss_bytes"]}
 
 
-def write_shards(sample: Sample, folder: Path, shards: int) -> None:
+def write_shards(sample: Sample, folder: Path, shards: int, compressed: bool = False) -> None:
     folder.mkdir(parents=True)
     per = -(-len(sample.texts) // shards)
     for s in range(shards):
-        with (folder / f"part-{s:03d}.jsonl").open("w") as f:
+        name = f"part-{s:03d}.jsonl" + (".gz" if compressed else "")
+        with gzip.open(folder / name, "wt", compresslevel=6) if compressed else (folder / name).open("w") as f:
             for doc_id, text in zip(sample.ids[s * per : (s + 1) * per], sample.texts[s * per : (s + 1) * per]):
                 f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
 

@@ -21,7 +21,6 @@ simulated device of each rate, its time computing over the span from its first p
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from pipeline.config import StrataConfig
+from pipeline.bench import Sample, e2e_config
 from pipeline.sources import Shard, shard_table
 from pipeline.spec import EmbedSettings, Simulation, resolve_output
 from pipeline.stages import Embed, JobSpec, Tokenize, read_shard, write_fragment
@@ -41,33 +40,10 @@ UNLIMITED = 1e12  # tokens/s of a simulated device that never makes the host wai
 NODE_CORES = (2, 16)  # this machine, and the lent H200 node
 
 
-def write_gzip_shards(ids: list[str], texts: list[str], folder: Path, shards: int) -> None:
-    """The sample as `shards` gzip JSONL files (the corpus's own format)."""
-    folder.mkdir(parents=True)
-    per = -(-len(texts) // shards)
-    for s in range(shards):
-        with gzip.open(folder / f"part-{s:03d}.jsonl.gz", "wt", compresslevel=6) as f:
-            for doc_id, text in zip(ids[s * per : (s + 1) * per], texts[s * per : (s + 1) * per]):
-                f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-
-
-def run_config(ctx, ids: list[str], texts: list[str], root: Path, fragment_docs: int | None = None) -> StrataConfig:
-    """A run over the documents as 4 gzip JSONL shards under root/input, output under root/output."""
-    shutil.rmtree(root, ignore_errors=True)
-    write_gzip_shards(ids, texts, root / "input", shards=4)
-    return StrataConfig.model_validate({
-        "input": {"uri": str(root / "input")},
-        "model": {"name_or_path": ctx.info.path, "max_length": ctx.info.max_length},
-        "outputs": [ctx.workload.output.model_dump()],
-        "batching": {"token_budget": ctx.options.token_budget, "fragment_docs": fragment_docs or ctx.options.fragment_docs},
-        "output": {"uri": str(root / "output"), "precision": ctx.workload.precision},
-    })
-
-
 def host_cost(ctx) -> dict:
     """CPU-seconds of each step over the sample, and per million tokens."""
     root = ctx.scratch / "host-cost"
-    config = run_config(ctx, ctx.sample.ids, ctx.sample.texts, root)
+    config = e2e_config(ctx, ctx.sample, root, compressed=True)  # gzip: the corpus's own format
     output = resolve_output(ctx.workload.output, ctx.info.num_layers)
     settings = EmbedSettings(ctx.info, (output,), "auto", ctx.options.token_budget, ctx.workload.precision,
                              simulation=Simulation(UNLIMITED))
@@ -173,7 +149,7 @@ def run_simulated(ctx, docs: int, simulation: Simulation, name: str, fragment_do
     from pipeline import ray_pipeline, runner
 
     root = ctx.scratch / name
-    config = run_config(ctx, ctx.sample.ids[:docs], ctx.sample.texts[:docs], root, fragment_docs)
+    config = e2e_config(ctx, Sample(ctx.sample.ids[:docs], ctx.sample.texts[:docs]), root, fragment_docs, compressed=True)
     stats_file = root / "device.json"
     simulation = Simulation(simulation.tokens_per_s, str(stats_file), simulation.concurrent_fragments)
     ray_pipeline.ensure_ray()
