@@ -50,7 +50,7 @@ class Embedder:
             from pipeline.simulated import META, SimulatedDevice, SimulatedEncoder
 
             self.device, self.simulated = META, SimulatedDevice(settings.simulation)
-            dtype = torch.bfloat16 if settings.dtype == "auto" else getattr(torch, settings.dtype)
+            dtype = pick_dtype(settings.dtype, torch.device("cuda"))  # what a GPU replica would compute in
             self.encoder = SimulatedEncoder(self.simulated, depth, settings.model.hidden_size, dtype)
         else:
             self.device = device or pick_device()
