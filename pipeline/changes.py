@@ -32,12 +32,13 @@ EMBEDDED = ("added", "changed")  # the changes that need the model
 
 
 def content_hashes(docs: pa.Table, keep_fields: list[str]) -> pa.Array:
-    """(N,) 16-byte BLAKE2b digests of each document's text and kept fields."""
+    """(N,) 16-byte BLAKE2b digests of each document's text (or given words) and kept fields."""
     texts = docs["text"].to_pylist()
     kept = [docs[name].to_pylist() for name in keep_fields]
     digests = []
     for i, text in enumerate(texts):
-        digest = hashlib.blake2b(text.encode(), digest_size=16)
+        content = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)  # words: a JSON list
+        digest = hashlib.blake2b(content.encode(), digest_size=16)
         if kept:
             digest.update(b"\0" + json.dumps([column[i] for column in kept], sort_keys=True, default=str).encode())
         digests.append(digest.digest())

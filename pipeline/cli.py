@@ -60,7 +60,7 @@ def validate(config: str = typer.Argument(..., help="YAML config file"), overrid
     """Check a config against its model and input, and print it fully resolved."""
     from pipeline.model import check_model_folder, check_weights_load
     from pipeline.progress import count_of
-    from pipeline.runner import count_shards, make_plan
+    from pipeline.runner import count_shards, describe_outputs, make_plan
 
     cfg = load_config(config, overrides)
     plan = make_plan(cfg)
@@ -71,7 +71,7 @@ def validate(config: str = typer.Argument(..., help="YAML config file"), overrid
     kept = "".join(f"; kept {f.name}: {f.type}" for f in plan.keep_schema or [])
     summary = (f"model {plan.model.name} ({plan.model.num_layers} layers, hidden {plan.model.hidden_size}, "
                f"max_length {plan.model.max_length}); {count_of(plan.work.num_rows, 'shard')}, {rows:,} rows; outputs "
-               + ", ".join(f"{o.name}: layers {list(o.layers)}" for o in plan.outputs) + kept)
+               + describe_outputs(plan.outputs, cfg, plan.model) + kept)
     if bad:
         first = bad[0]
         raise StrataError(f"{count_of(len(bad), 'shard')} cannot be read ({first.source}: {first.reason}"

@@ -73,6 +73,9 @@ class InputConfig(_Strict):
     )
     id_field: str = Field("id", description="Field holding the document id; missing → derived from source and row")
     text_field: str = Field("text", description="Field holding the text to embed")
+    words_field: Optional[str] = Field(None, description="Field holding a list of words per document (pre-tokenized "
+                                       "input: CoNLL, spaCy, a Parquet list<string>); embedded instead of text_field, "
+                                       "one word vector per given word")
     keep_fields: list[str] = Field(default_factory=list, description="Input fields copied into the output rows")
 
     @field_validator("keep_fields")
@@ -87,11 +90,12 @@ class InputConfig(_Strict):
 
     @model_validator(mode="after")
     def _text_is_not_kept(self) -> "InputConfig":
-        # the text travels in a column of its own until it is tokenized, and is not stored:
-        # `strata search` reads texts back from the input
-        for name in {"text", self.text_field} & set(self.keep_fields):
+        # the text (or the words) travels in a column of its own until it is tokenized, and is not
+        # stored: `strata search` reads texts back from the input. Given words may be kept.
+        text_field = self.text_field if self.words_field is None else None
+        for name in {"text", text_field} & set(self.keep_fields):
             raise ValueError(f"keep_fields: {name!r} " + ("is the text field; texts are not copied into the output "
-                             "(strata search reads them back from the input)" if name == self.text_field else
+                             "(strata search reads them back from the input)" if name == text_field else
                              "is the name of strata's own text column while texts are read; rename the field"))
         return self
 
@@ -120,8 +124,9 @@ class OutputSpec(_Strict):
     combine: Literal["stack", "concat", "mean", "sum", "weighted"] = Field("stack", description="Layer combination")
     weights: list[float] | None = Field(None, description="Per-layer weights for combine: weighted")
     normalize: bool = Field(False, description="L2-normalize after pooling/combining (per token when pooling: none)")
-    words: Literal["none", "first", "mean"] = Field(
-        "none", description="pooling none only: none = sub-token vectors; first / mean = word vectors"
+    words: Literal["none", "first", "mean", "last", "first_last"] = Field(
+        "none", description="pooling none only: none = sub-token vectors; first / last / mean / first_last = word "
+        "vectors from the word's first, last, every, or first and last (concatenated) sub-tokens"
     )
 
     @field_validator("name")
@@ -279,12 +284,17 @@ class StrataConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"outputs: two outputs share a name ({names}); names become column names")
         columns = names + [f"{o.name}_offsets" for o in self.outputs if o.pooling == "none"]
+        if self.input.words_field is not None:
+            columns += [f"{o.name}_missing" for o in self.outputs if o.words != "none"]
         clash = set(columns) & set(self.input.keep_fields) or {c for c in columns if columns.count(c) > 1}
         if clash:
             raise ValueError(f"outputs: column {sorted(clash)[0]!r} would be written twice (an output, its "
-                             "_offsets column or a keep_field); rename the output")
+                             "_offsets or _missing column, or a keep_field); rename the output")
         if self.long_text.aggregate == "none" and self.long_text.strategy == "truncate":
             raise ValueError("long_text.aggregate: none (one row per window) needs strategy: sliding_window")
+        if self.long_text.window_rows and self.input.words_field is not None:
+            raise ValueError("input.words_field gives each document one vector per given word, which rows per window "
+                             "cannot hold; use long_text.aggregate: mean (each word once, in its document's row)")
         part = self.output.partition_by
         if part not in ("source", "none") and part not in self.input.keep_fields:
             raise ValueError(f"output.partition_by: {part!r} must be 'source', 'none' or one of input.keep_fields")

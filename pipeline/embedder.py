@@ -65,7 +65,7 @@ class Embedder:
         plan = row_plan(windows, self.settings.window_rows)
         units = {out.name: token_units(windows, plan, out.words) for out in self.settings.outputs if out.token_level}
         accumulators = {
-            out.name: Accumulator(len(units[out.name].spans) if out.token_level else plan.rows, out, hidden, self.device)
+            out.name: Accumulator(units[out.name].slots if out.token_level else plan.rows, out, hidden, self.device)
             for out in self.settings.outputs
         }
         starts = windows.starts
@@ -108,10 +108,12 @@ class Embedder:
         owned = self._to_device((positions >= lo) & (positions < hi))
         contributions = {}
         for out in self.settings.outputs:
-            if out.token_level:  # which positions emit a unit, decided on the host: no device sync
-                unit = _padded(units[out.name].unit, starts, batch, valid, -1).reshape(-1)
-                emit = np.flatnonzero(unit >= 0)
-                contributions[out.name] = (self._to_device(unit[emit]),
+            if out.token_level:  # which positions feed which slot, decided on the host: no device sync
+                feeds = [_padded(per_token, starts, batch, valid, -1).reshape(-1)
+                         for per_token in (units[out.name].unit, units[out.name].also) if per_token is not None]
+                emit = np.concatenate([np.flatnonzero(feed >= 0) for feed in feeds])
+                slots = np.concatenate([feed[feed >= 0] for feed in feeds])
+                contributions[out.name] = (self._to_device(slots),
                                            token_vectors(hidden_states, self._to_device(emit), out),
                                            torch.ones(len(emit), device=self.device))
             else:

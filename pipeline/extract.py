@@ -45,8 +45,8 @@ def pool_windows(hidden_states: tuple[torch.Tensor, ...], owned: torch.Tensor, o
 
 
 def token_vectors(hidden_states: tuple[torch.Tensor, ...], emit: torch.Tensor, out: ResolvedOutput) -> torch.Tensor:
-    """The chosen layers at the emitted positions: emit (n,) int64 flat positions b * T + t,
-    ascending -> (n, L, D). An index, not a boolean mask: a mask's result size depends on its
+    """The chosen layers at the emitted positions: emit (n,) int64 flat positions b * T + t (a
+    position may repeat) -> (n, L, D). An index, not a boolean mask: a mask's result size depends on its
     values, which makes a GPU stop and tell the host."""
     return torch.stack([hidden_states[i].flatten(0, 1).index_select(0, emit).float() for i in out.layers], dim=1)
 
@@ -55,7 +55,9 @@ class Accumulator:
     """Per-unit running results of one output (unit = document, window, token or word).
 
     Sums (with weights) for every pooling but max, maxima for max; units are filled from any
-    number of micro-batches in any order, so a document's windows may be far apart.
+    number of micro-batches in any order, so a document's windows may be far apart. For
+    `words: first_last` there are two slots per word, 2w (its first sub-token) and 2w + 1 (its
+    last), joined in `result()`. A unit nothing was added to comes out as zeros.
     """
 
     def __init__(self, units: int, out: ResolvedOutput, hidden: int, device: torch.device):
@@ -74,9 +76,11 @@ class Accumulator:
         self.weights.index_add_(0, index, weights)
 
     def result(self) -> torch.Tensor:
-        """(units, *vector_shape) float32: averaged, combined across layers, normalized."""
+        """(units, *vector_shape) float32: averaged, combined across layers, (paired,) normalized."""
         values = self.values if self.is_max else self.values / self.weights.clamp(min=1e-9).view(-1, 1, 1)
         combined = combine_layers(values, self.out.combine, self.out.weights)
+        if self.out.pairs:
+            combined = join_pairs(combined)
         return l2_normalize(combined) if self.out.normalize else combined
 
 
@@ -94,6 +98,12 @@ def combine_layers(pooled: torch.Tensor, how: str, weights: tuple[float, ...] | 
         w = torch.tensor(weights, dtype=pooled.dtype, device=pooled.device)  # (L,)
         return (pooled * w.view(1, -1, 1)).sum(dim=1)
     raise ValueError(f"unknown combine {how!r}")
+
+
+def join_pairs(vectors: torch.Tensor) -> torch.Tensor:
+    """(2U, ..., E) -> (U, ..., 2E): slot 2u and slot 2u + 1 concatenated along the last axis
+    (flair's `subtoken_pooling="first_last"`: torch.cat([first, last], dim=-1))."""
+    return torch.cat([vectors[0::2], vectors[1::2]], dim=-1)
 
 
 def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,7 @@ class CommitRecord:
     carried_tokens: int = 0
     shard_version: str = ""  # the shard's version it was read from (see sources.file_version)
     last: bool = False  # the shard's last fragment: the shard ends at `end`
+    truncated: int = 0  # of `docs`, documents cut at max_length
 
     @property
     def embedded(self) -> int:

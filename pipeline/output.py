@@ -34,11 +34,15 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
-def vector_array(vectors: np.ndarray) -> pa.Array:
-    """(N, D) -> fixed_size_list<D>; (N, L, D) -> fixed_size_list<fixed_size_list<D>, L>."""
+def vector_array(vectors: np.ndarray, null: np.ndarray | None = None) -> pa.Array:
+    """(N, D) -> fixed_size_list<D>; (N, L, D) -> fixed_size_list<fixed_size_list<D>, L>;
+    `null` (N,) bool marks vectors stored as null (their values stay in the buffer, unread)."""
     array = pa.array(np.ascontiguousarray(vectors).reshape(-1))
     for size in reversed(vectors.shape[1:]):
         array = pa.FixedSizeListArray.from_arrays(array, size)
+    if null is not None and null.any():
+        validity = pa.array(~null).buffers()[1]
+        array = pa.Array.from_buffers(array.type, len(array), [validity], children=[array.values])
     return array
 
 
@@ -59,22 +63,31 @@ def row_table(docs: pa.Table, windows: TokenWindows, window_rows: bool, keep_fie
     return pa.table({**columns, **{name: per_window[name] for name in keep_fields}})
 
 
-def _spans(pairs: np.ndarray) -> pa.StructArray:
-    """(N, 2) character [start, end) pairs as struct<start, end>."""
-    return pa.StructArray.from_arrays([pa.array(pairs[:, 0]), pa.array(pairs[:, 1])], ["start", "end"])
+def _spans(pairs: np.ndarray, word: np.ndarray | None = None) -> pa.StructArray:
+    """(N, 2) character [start, end) pairs as struct<start, end>; with given words
+    struct<word, start, end>, `word` (N,) the index of the given word."""
+    arrays, names = [pa.array(pairs[:, 0]), pa.array(pairs[:, 1])], ["start", "end"]
+    if word is not None:
+        arrays, names = [pa.array(word), *arrays], ["word", *names]
+    return pa.StructArray.from_arrays(arrays, names)
 
 
 def output_table(rows: pa.Table, result: EmbedResult) -> pa.Table:
-    """Appends one column per output; token-level outputs get a list per row and `<name>_offsets`."""
+    """Appends one column per output; token-level outputs get a list per row and `<name>_offsets`,
+    word outputs of given words (pre-tokenized input) also `<name>_missing`."""
     for name, vectors in result.vectors.items():
-        array = vector_array(vectors)
         units = result.token_units.get(name)
         if units is None:
-            rows = rows.append_column(name, array)
+            rows = rows.append_column(name, vector_array(vectors))
             continue
         offsets = pa.array(np.concatenate([[0], np.cumsum(units.counts)]).astype(np.int32))
-        rows = rows.append_column(name, pa.ListArray.from_arrays(offsets, array))
-        rows = rows.append_column(f"{name}_offsets", pa.ListArray.from_arrays(offsets, _spans(units.spans)))
+        rows = rows.append_column(name, pa.ListArray.from_arrays(offsets, vector_array(vectors, units.missing)))
+        rows = rows.append_column(f"{name}_offsets",
+                                  pa.ListArray.from_arrays(offsets, _spans(units.spans, units.word)))
+        if units.missing is not None:
+            row_of_unit = np.repeat(np.arange(len(units.counts)), units.counts)
+            missing = np.bincount(row_of_unit[units.missing], minlength=len(units.counts))
+            rows = rows.append_column(f"{name}_missing", pa.array(missing.astype(np.int32)))
     return rows
 
 

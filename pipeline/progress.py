@@ -110,6 +110,7 @@ def summary_table(summary: dict) -> Table:
         ("failed_fragments", "fragments failed (this run)"),
         ("failed_shards", "shards unreadable (this run)"),
         ("tokens", "tokens"),
+        ("truncated", "documents cut at max_length"),
         ("tokens_per_s", "tokens/s (this run)"),
         ("docs_per_s", "docs/s (this run)"),
         ("padding_share", "padding share"),

@@ -286,7 +286,8 @@ def _actor_step(make_step, name: str):
 
 def _tokenizer_on_this_node(job: JobSpec) -> Tokenize:
     path = local_model_path(job.embed.model, job.storage)
-    return Tokenize(path, job.embed.model.max_length, job.stride, job.embed.token_details)
+    return Tokenize(path, job.embed.model.max_length, job.stride, job.embed.token_details,
+                    job.input.words_field is not None)
 
 
 def _write_step(batch: pa.Table, job: JobSpec) -> pa.Table:

@@ -173,6 +173,23 @@ def run_record(plan: Plan) -> dict:
     }
 
 
+_COMBINED = {"stack": "stacked in this order", "concat": "concatenated in this order", "mean": "averaged",
+             "sum": "summed", "weighted": "weighted"}
+
+
+def describe_outputs(outputs: tuple[ResolvedOutput, ...], config: StrataConfig, model: ModelInfo) -> str:
+    """Each output's absolute layers (hidden-state indices) and what one vector is, for `strata
+    validate` and a run's first lines: `words: layers [6, 5, 4, 3] of 0..6 concatenated in this
+    order, pooling none, words first → [1536] per word`."""
+    parts = []
+    for o in outputs:
+        how = _COMBINED[o.combine] if o.pooled_layers > 1 else "one layer"
+        pooling = f"pooling {o.pooling}" + (f", words {o.words}" if o.words != "none" else "")
+        parts.append(f"{o.name}: layers {list(o.layers)} of 0..{model.num_layers} {how}, {pooling} → "
+                     f"{list(o.vector_shape(model.hidden_size))} per {_unit(o, config)}")
+    return "; ".join(parts)
+
+
 def _unit(out: ResolvedOutput, config: StrataConfig) -> str:
     """What one vector of this output stands for."""
     if out.token_level:
@@ -244,6 +261,7 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
         _say(console, f"skipping shard {failure.source}: {failure.reason}")
     own = _clean_up(plan, manifest, console)
     todo = to_read(plan.work, own)
+    _say(console, "outputs: " + describe_outputs(plan.outputs, config, plan.model))
     _say(console, _plan_line(plan, current, own, todo))
     this_run: list[CommitRecord] = []
     failed: list[FailureRecord] = list(plan.bad_shards)
@@ -269,6 +287,9 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
                             rows=sum(r.rows for r in records) if not open_shards else None)
     manifest.write_run({**run_info, "summary": summary})
     console.print(summary_table(summary))
+    hint = truncation_hint(summary, plan.model.max_length)
+    if hint:
+        _say(console, hint)
     if lost:
         redo = [r for r in records if r.version == plan.version and set(_files_of(r)) & set(lost)]
         manifest.remove_fragments(redo)
@@ -526,6 +547,7 @@ def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitReco
         "quarantined": sum(r.quarantined for r in records),
         "blank": sum(r.blank for r in records),
         "tokens": sum(r.tokens for r in records),
+        "truncated": sum(r.truncated for r in records),
         "added": changes.get("added"),
         "changed": changes.get("changed"),
         "deleted": changes.get("deleted"),
@@ -542,6 +564,18 @@ def summarize(plan: Plan, records: list[CommitRecord], this_run: list[CommitReco
         "padding_share": 1 - run_tokens / padded if padded else 0.0,
         "wall_seconds": wall,
     }
+
+
+TRUNCATION_HINT_SHARE = 0.01  # more than 1 % of the documents cut: say how to keep them whole
+
+
+def truncation_hint(summary: dict, max_length: int) -> str | None:
+    """The end-of-run line when more than 1 % of the version's documents were cut at max_length."""
+    cut, docs = summary.get("truncated") or 0, summary.get("docs") or 0
+    if not docs or cut <= TRUNCATION_HINT_SHARE * docs:
+        return None
+    return (f"{cut:,} {'document was' if cut == 1 else 'documents were'} cut at {max_length} tokens ({cut / docs:.0%} "
+            "of the version); long_text.strategy: sliding_window keeps them whole")
 
 
 def _check_failures(failed: list[FailureRecord], output_uri: str) -> None:

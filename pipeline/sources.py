@@ -365,6 +365,9 @@ def read_fragments(
     kept_types = {name: pa.string() for name in cfg.keep_fields}
     kept_types.update({f.name: f.type for f in kept or []})
     start, records = 0, None
+    if shard.format == "text" and cfg.words_field is not None:
+        raise InputError(f"shard {shard.source} is plain text (one document per line), which holds no list of "
+                         f"words: input.words_field needs JSONL or Parquet shards")
     try:
         records = _parquet_records(fs, shard, cfg, None) if shard.format == "parquet" else _line_records(fs, shard)
         upcoming = next(records, None)
@@ -407,7 +410,7 @@ def texts_at(cfg: InputConfig, wanted: list[tuple[str, int, str]], storage: Stor
             for part in read_ranges(fs, shards[source], [(row, row + 1) for row in rows], cfg):
                 for doc_id, row, text in zip(*(part.docs[c].to_pylist() for c in ("id", "row", "text"))):
                     if rows[row] == doc_id:
-                        texts[(source, row)] = text
+                        texts[(source, row)] = shown_text(text)
         except InputError:
             continue
     return texts
@@ -453,9 +456,10 @@ def _parquet_records(fs, shard: Shard, cfg: InputConfig, stop: int | None) -> It
     with fs.open(shard.path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
-        if cfg.text_field not in names:
-            raise InputError(f"shard {shard.source} has no column {cfg.text_field!r} (input.text_field)")
-        wanted = [c for c in dict.fromkeys([cfg.id_field, cfg.text_field, *cfg.keep_fields]) if c in names]
+        field, key = (cfg.text_field, "text_field") if cfg.words_field is None else (cfg.words_field, "words_field")
+        if field not in names:
+            raise InputError(f"shard {shard.source} has no column {field!r} (input.{key})")
+        wanted = [c for c in dict.fromkeys([cfg.id_field, field, *cfg.keep_fields]) if c in names]
         row = 0
         for batch in pf.iter_batches(columns=wanted, batch_size=4096):
             for record in _batch_records(batch):
@@ -518,10 +522,14 @@ class _Builder:
         if isinstance(record, str):
             self._quarantine(doc_id, row, record, "")
             return
-        text = record.get(self.cfg.text_field)
-        problem = _text_problem(text, self.cfg.text_field, self.cfg.text_field in record)
+        if self.cfg.words_field is None:
+            text = record.get(self.cfg.text_field)
+            problem = _text_problem(text, self.cfg.text_field, self.cfg.text_field in record)
+        else:
+            text = record.get(self.cfg.words_field)
+            problem = _words_problem(text, self.cfg.words_field, self.cfg.words_field in record)
         if problem:
-            self._quarantine(doc_id, row, problem, text if isinstance(text, str) else "")
+            self._quarantine(doc_id, row, problem, shown_text(text))
             return
         self.ids.append(doc_id)
         self.rows.append(row)
@@ -540,7 +548,7 @@ class _Builder:
     def _quarantine(self, doc_id: str, row: int, reason: str, text: str) -> None:
         self.out.quarantine.append(
             {"id": doc_id, "source": self.shard.source, "row": row, "reason": reason,
-             "text": text[:QUARANTINE_TEXT_CHARS]}
+             "text": shown_text(text)[:QUARANTINE_TEXT_CHARS]}
         )
 
     def finish(self) -> FragmentRows:
@@ -556,7 +564,7 @@ class _Builder:
             "id": pa.array(self.ids, pa.string()),
             "source": pa.array([self.shard.source] * len(self.ids), pa.string()),
             "row": pa.array(self.rows, pa.int64()),
-            "text": pa.array(self.texts, pa.string()),
+            "text": pa.array(self.texts, pa.string() if self.cfg.words_field is None else pa.list_(pa.string())),
         }
         for name, values in self.kept.items():
             columns[name] = kept_array(values, self.kept_types[name])
@@ -567,7 +575,7 @@ class _Builder:
         surrogate (JSON's `\\ud800` escape), or a kept value of another type than the output's."""
         keep = []
         for i, (doc_id, row, text) in enumerate(zip(self.ids, self.rows, self.texts)):
-            problem = _unicode_problem("id", doc_id) or _unicode_problem(self.cfg.text_field, text) or next(
+            problem = _unicode_problem("id", doc_id) or _text_unicode_problem(self.cfg, text) or next(
                 (p for name, values in self.kept.items() if (p := _kept_problem(name, values[i], self.kept_types[name]))),
                 None)
             if problem:
@@ -584,6 +592,22 @@ def _unicode_problem(name: str, text: str) -> str | None:
     except UnicodeEncodeError as exc:
         return f"{name!r} holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character {exc.start}), not valid Unicode"
     return None
+
+
+def _text_unicode_problem(cfg: InputConfig, text: str | list[str]) -> str | None:
+    if cfg.words_field is None:
+        return _unicode_problem(cfg.text_field, text)
+    return next((p for i, word in enumerate(text) if (p := _unicode_problem(f"{cfg.words_field}[{i}]", word))), None)
+
+
+def shown_text(text: object) -> str:
+    """A document's text as quarantine records show it: given words joined by spaces, other
+    values that are not text as nothing."""
+    if isinstance(text, str):
+        return text
+    if isinstance(text, list):
+        return " ".join(word for word in text if isinstance(word, str))
+    return ""
 
 
 def _kept_problem(name: str, value: object, kind: pa.DataType) -> str | None:
@@ -616,6 +640,25 @@ def _text_problem(text: object, field_name: str, present: bool) -> str | None:
         return f"{field_name!r} is empty or whitespace"
     if not has_visible_text(text):
         return f"{field_name!r} holds only whitespace and control characters (NUL, ...)"
+    return None
+
+
+def _words_problem(words: object, field_name: str, present: bool) -> str | None:
+    """Why a value is not a document's list of words (pre-tokenized input), or None."""
+    if not present:
+        return f"no {field_name!r} field"
+    if words is None:
+        return f"{field_name!r} is null"
+    if not isinstance(words, list):
+        return f"{field_name!r} is a {type(words).__name__}, not a list of words (strings)"
+    if not words:
+        return f"{field_name!r} is an empty list"
+    for i, word in enumerate(words):
+        if not isinstance(word, str):
+            kind = "null" if word is None else f"a {type(word).__name__}"
+            return f"{field_name!r}[{i}] is {kind}, not a string (a word)"
+        if not word.strip():
+            return f"{field_name!r}[{i}] is an empty word ({word!r}); a word holds at least one visible character"
     return None
 
 

@@ -24,7 +24,7 @@ class ResolvedOutput:
     combine: str
     weights: tuple[float, ...] | None
     normalize: bool
-    words: str = "none"  # token-level only: none (sub-tokens) | first | mean (word vectors)
+    words: str = "none"  # token-level only: none (sub-tokens) | first | last | mean | first_last (word vectors)
 
     @property
     def token_level(self) -> bool:
@@ -40,13 +40,19 @@ class ResolvedOutput:
         """L: layers left after pooling (first_last_avg folds two into one)."""
         return 1 if self.pooling == "first_last_avg" else len(self.layers)
 
+    @property
+    def pairs(self) -> bool:
+        """`words: first_last`: each word's vector is its first and last sub-token's, concatenated."""
+        return self.words == "first_last"
+
     def vector_shape(self, hidden: int) -> tuple[int, ...]:
-        """Shape of one vector (per document, window, token or word)."""
+        """Shape of one vector (per document, window, token or word); `first_last` doubles the last axis."""
+        width = hidden * (2 if self.pairs else 1)
         if self.combine == "stack":
-            return (self.pooled_layers, hidden)
+            return (self.pooled_layers, width)
         if self.combine == "concat":
-            return (self.pooled_layers * hidden,)
-        return (hidden,)
+            return (self.pooled_layers * width,)
+        return (width,)
 
 
 def resolve_layers(spec: LayerSpec, num_layers: int) -> tuple[int, ...]:

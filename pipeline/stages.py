@@ -33,7 +33,7 @@ from pipeline.incremental import carried_rows, changes_name, read_changes, split
 from pipeline.manifest import HASHES_DIR, CommitRecord, FailureRecord, Manifest
 from pipeline.model import local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
-from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_fragments
+from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_fragments, shown_text
 from pipeline.spec import EmbedSettings
 from pipeline.storage import Location, open_fs
 from pipeline.tokenize import TextTokenizer, TokenWindows
@@ -135,10 +135,11 @@ EMPTY_REASON = ("the tokenizer keeps nothing of the text (only characters it str
 
 
 class Tokenize:
-    """Replaces the text column by n_tokens and truncated, and adds the fragment's windows."""
+    """Replaces the text column (a text, or a list of words) by n_tokens, truncated and, for
+    words, n_words, and adds the fragment's windows."""
 
-    def __init__(self, model_path: str, max_length: int, stride: int | None, details: bool):
-        self.tokenizer = TextTokenizer(model_path, max_length, stride, details)
+    def __init__(self, model_path: str, max_length: int, stride: int | None, details: bool, words: bool = False):
+        self.tokenizer = TextTokenizer(model_path, max_length, stride, details, words)
 
     @_guarded
     def __call__(self, payload: dict) -> dict:
@@ -160,6 +161,8 @@ class Tokenize:
         docs = docs.drop_columns(["text"])
         docs = docs.append_column("n_tokens", pa.array(windows.n_tokens, pa.int32()))
         docs = docs.append_column("truncated", pa.array(windows.truncated, pa.bool_()))
+        if windows.n_words is not None:
+            docs = docs.append_column("n_words", pa.array(windows.n_words, pa.int32()))
         return {**payload, "docs": table_to_bytes(docs), "windows": table_to_bytes(windows.to_table()),
                 "quarantine": quarantine}
 
@@ -211,7 +214,8 @@ class Embed:
             self.manifest.note_attempt(fragment.id, fragment.shard.source, fragment.start, fragment.rows)
         docs = table_from_bytes(payload["docs"])
         windows = TokenWindows.from_table(table_from_bytes(payload["windows"]), docs["n_tokens"].to_numpy(),
-                                          docs["truncated"].to_numpy(zero_copy_only=False))
+                                          docs["truncated"].to_numpy(zero_copy_only=False),
+                                          docs["n_words"].to_numpy() if "n_words" in docs.column_names else None)
         result = self.embedder.embed(windows)
         faults.maybe_kill("embed", fragment.start)
         row_doc = windows.doc if self.embedder.settings.window_rows else np.arange(docs.num_rows)
@@ -248,7 +252,7 @@ def _append_quarantine(quarantine: bytes, docs: pa.Table, reasons: dict[int, str
     if not reasons:
         return quarantine
     added = [{"id": docs["id"][i].as_py(), "source": docs["source"][i].as_py(), "row": docs["row"][i].as_py(),
-              "reason": reason, "text": (texts[i] if texts else "")[:QUARANTINE_TEXT_CHARS]}
+              "reason": reason, "text": shown_text(texts[i] if texts else "")[:QUARANTINE_TEXT_CHARS]}
              for i, reason in sorted(reasons.items())]
     return table_to_bytes(pa.concat_tables([table_from_bytes(quarantine), quarantine_table(added)]))
 
@@ -321,6 +325,7 @@ def _write(fragment: Fragment, payload: dict, job: JobSpec, location: Location) 
         carried_tokens=int(pc.sum(carried["n_tokens"]).as_py() or 0) if carried.num_rows else 0,
         shard_version=fragment.shard.version,
         last=fragment.last,
+        truncated=int(pc.sum(rows["truncated"]).as_py() or 0),
     )
     manifest.commit(record)
     return record

@@ -10,6 +10,12 @@ more context (the later window on a tie), the first window owns the leading spec
 the last one the trailing ones. A one-window document owns all of its tokens. Aggregating
 windows over owned tokens is what makes `aggregate: mean` count each token once.
 
+Pre-tokenized documents (a list of words each, `input.words_field`) are encoded as transformers'
+`is_split_into_words=True` does: every word goes through the normalizer and pre-tokenizer on its
+own, each sub-token's word id is the index of the given word, and its character offsets are
+inside that word. A word the tokenizer turns into nothing (a lone combining accent, a zero-width
+character) has no sub-token; `n_words` keeps the count of given words.
+
 Everything is flat numpy (ids back to back, per-window lengths), so a fragment's tokens travel
 between Ray stages as a few Arrow columns, not as Python lists.
 """
@@ -43,7 +49,8 @@ class TokenWindows:
     # token details, only when a token-level output needs them (else None):
     special: np.ndarray | None = None  # (sum of lengths,) bool, a special token ([CLS], [SEP])
     word_ids: np.ndarray | None = None  # (sum of lengths,) int32 word index in the document, -1 if none
-    offsets: np.ndarray | None = None  # (sum of lengths, 2) int32 character [start, end)
+    offsets: np.ndarray | None = None  # (sum of lengths, 2) int32 character [start, end) (in its word, if given)
+    n_words: np.ndarray | None = None  # (N,) int32 given words per document (pre-tokenized input only)
 
     @property
     def starts(self) -> np.ndarray:
@@ -83,10 +90,12 @@ class TokenWindows:
 
         return TokenWindows(self.ids[token_kept], self.lengths[window_kept], renumber[self.doc[window_kept]],
                             self.owned[window_kept], self.span[window_kept], self.n_tokens[keep], self.truncated[keep],
-                            tokens(self.special), tokens(self.word_ids), tokens(self.offsets))
+                            tokens(self.special), tokens(self.word_ids), tokens(self.offsets),
+                            None if self.n_words is None else self.n_words[keep])
 
     @classmethod
-    def from_table(cls, table: pa.Table, n_tokens: np.ndarray, truncated: np.ndarray) -> "TokenWindows":
+    def from_table(cls, table: pa.Table, n_tokens: np.ndarray, truncated: np.ndarray,
+                   n_words: np.ndarray | None = None) -> "TokenWindows":
         def flat(name):
             return table[name].combine_chunks().values.to_numpy(zero_copy_only=False)
 
@@ -105,13 +114,16 @@ class TokenWindows:
             special=flat("special") if details else None,
             word_ids=flat("word_ids") if details else None,
             offsets=np.stack([flat("offset_start"), flat("offset_end")], axis=1) if details else None,
+            n_words=n_words,
         )
 
 
 class TextTokenizer:
-    """`stride` None = truncate; a number = sliding windows overlapping by that many tokens."""
+    """`stride` None = truncate; a number = sliding windows overlapping by that many tokens;
+    `words`: documents are lists of words (pre-tokenized), not texts."""
 
-    def __init__(self, model_path: str, max_length: int, stride: int | None = None, details: bool = False):
+    def __init__(self, model_path: str, max_length: int, stride: int | None = None, details: bool = False,
+                 words: bool = False):
         self.backend = _load_backend(model_path)
         self.backend.no_padding()
         self.prefix, self.suffix = special_counts(self.backend)
@@ -121,15 +133,19 @@ class TextTokenizer:
         if stride is not None:
             check_stride(stride, max_length, self.prefix + self.suffix)
         self.backend.enable_truncation(max_length, stride=stride or 0)
-        self.max_length, self.stride, self.details = max_length, stride, details
+        self.max_length, self.stride, self.details, self.words = max_length, stride, details, words
 
     def empty(self, windows: "TokenWindows") -> np.ndarray:
         """(N,) bool: documents the tokenizer kept nothing of but the special tokens (text made only
         of characters it strips: zero-width and bidi controls, soft hyphens, lone BOMs, ...)."""
         return windows.n_tokens <= self.prefix + self.suffix
 
-    def encode(self, texts: list[str]) -> TokenWindows:
-        encodings = self._encode_truncated(texts) if self.stride is None else self.backend.encode_batch(texts)
+    def encode(self, texts: list[str] | list[list[str]]) -> TokenWindows:
+        """Texts, or lists of words when the tokenizer was made with `words=True`."""
+        if self.stride is None:
+            encodings = self._encode_truncated(texts)
+        else:
+            encodings = self.backend.encode_batch(texts, is_pretokenized=self.words)
         if self.stride is None:
             windows = [[e] for e in encodings]
             truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
@@ -145,9 +161,11 @@ class TextTokenizer:
         ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=total)
         n_tokens = np.bincount(doc, weights=lengths, minlength=len(windows)).astype(np.int32)
         owned, span = self._owned(lengths, doc), np.zeros((len(flat), 2), np.int32)
-        if self.stride is not None:
+        if self.stride is not None and not self.words:  # a window's span in the text: there is no text
             span = np.array([self._span(w) for w in flat], np.int32).reshape(-1, 2)
         result = TokenWindows(ids, lengths, doc, owned, span, n_tokens, truncated)
+        if self.words:
+            result.n_words = np.fromiter(map(len, texts), np.int32, count=len(texts))
         if self.details:
             result.special = np.fromiter(chain.from_iterable(w.special_tokens_mask for w in flat), bool, count=total)
             result.word_ids = np.fromiter(
@@ -161,25 +179,28 @@ class TextTokenizer:
         """Encodings of texts cut at max_length, without tokenizing megabytes to keep 256 tokens.
 
         A long text is first cut after the last whitespace within CHARS_PER_TOKEN * max_length
-        characters. Pre-tokenizers split words at whitespace, so the words before the cut give the
-        same tokens as in the whole text; if the prefix still overflows max_length, its first window
-        is the whole text's. A prefix that does not overflow, or a text with no whitespace to cut
-        at, is tokenized whole.
+        characters (a list of words after its first max_length words). Pre-tokenizers split words
+        at whitespace, so the words before the cut give the same tokens as in the whole text; if
+        the prefix still overflows max_length, its first window is the whole text's. A prefix that
+        does not overflow, or a text with no whitespace to cut at, is tokenized whole.
         """
-        limit = CHARS_PER_TOKEN * self.max_length
-        cut = [_prefix_at_whitespace(text, limit) for text in texts]
+        if self.words:
+            cut = [words[: self.max_length] for words in texts]
+        else:
+            cut = [_prefix_at_whitespace(text, CHARS_PER_TOKEN * self.max_length) for text in texts]
         encodings = self._batch(cut)
         for i, (prefix, text, encoding) in enumerate(zip(cut, texts, encodings)):
             if len(prefix) < len(text) and not encoding.overflowing:
-                encodings[i] = self.backend.encode(text)
+                encodings[i] = self.backend.encode(text, is_pretokenized=self.words)
         return encodings
 
     def _batch(self, texts: list[str]) -> list:
         """encode_batch, without character offsets when nothing needs them (tokenizers'
         encode_batch_fast: ~25 % less CPU on docs-50k, the same ids and overflow)."""
         if self.details or self.stride is not None:
-            return self.backend.encode_batch(texts)
-        return getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)(texts)  # tokenizers < 0.20.1
+            return self.backend.encode_batch(texts, is_pretokenized=self.words)
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # tokenizers < 0.20.1
+        return encode(texts, is_pretokenized=self.words)
 
     def _owned(self, lengths: np.ndarray, doc: np.ndarray) -> np.ndarray:
         # (W, 2): everything for a lone window; inner overlaps split where context is larger

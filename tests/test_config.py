@@ -46,6 +46,12 @@ def test_defaults_follow_the_design():
         ({**BASE, "long_text": {"aggregate": "none"}}, "aggregate: none (one row per window) needs strategy: sliding_window"),
         ({**BASE, "long_text": {"strategy": "sliding_window", "stride": 0}}, "long_text.stride"),
         ({**BASE, "outputs": [{"name": "a", "pooling": "sum"}]}, "outputs.0.pooling"),
+        ({"input": {"uri": "in/", "words_field": "w", "keep_fields": ["a_missing"]}, "output": {"uri": "o"},
+          "outputs": [{"name": "a", "pooling": "none", "words": "last"}]}, "'a_missing' would be written twice"),
+        ({"input": {"uri": "in/", "words_field": "w"}, "output": {"uri": "o"},
+          "long_text": {"strategy": "sliding_window", "stride": 8, "aggregate": "none"}},
+         "input.words_field gives each document one vector per given word"),
+        ({**BASE, "outputs": [{"name": "a", "pooling": "none", "words": "first_middle"}]}, "outputs.0.words"),
     ],
 )
 def test_invalid_configs_name_the_problem(raw, fragment):
@@ -53,6 +59,14 @@ def test_invalid_configs_name_the_problem(raw, fragment):
         parse_config(raw)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_given_words_may_be_kept_and_make_the_text_field_free():
+    cfg = config(input={"uri": "in/", "words_field": "tokens", "text_field": "sentence",
+                        "keep_fields": ["tokens", "sentence", "tags"]})
+    assert cfg.input.words_field == "tokens" and cfg.input.keep_fields == ["tokens", "sentence", "tags"]
+    with pytest.raises(ConfigError, match="strata's own text column"):
+        config(input={"uri": "in/", "words_field": "tokens", "keep_fields": ["text"]})
 
 
 def test_overrides_parse_yaml_values_and_index_lists(tmp_path: Path):
