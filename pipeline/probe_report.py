@@ -36,8 +36,11 @@ def stacked_columns(identity: dict, wanted: list[str] | None) -> list[dict]:
         if name not in outputs:
             raise StrataError(f"the output has no column {name!r}; its columns: {', '.join(outputs)}")
         if outputs[name] not in stacked:
-            raise StrataError(f"column {name!r} holds no per-layer vectors (pooling {outputs[name]['pooling']}, "
-                              f"combine {outputs[name]['combine']}); probe a column with combine: stack")
+            spec = outputs[name]
+            fix = ("a pooled column (pooling cls, mean or max) with combine: stack" if spec["pooling"] in
+                   ("none", "first_last_avg") else "a column with combine: stack")
+            raise StrataError(f"column {name!r} holds no per-layer vectors of documents (pooling {spec['pooling']}, "
+                              f"combine {spec['combine']}); probe {fix}")
     if not stacked:
         raise StrataError("the output has no per-layer vectors to probe: add an output with layers: all, "
                           "combine: stack (pooling cls, mean or max) and run again")

@@ -125,7 +125,7 @@ def count_shards(plan: Plan) -> tuple[int, list[FailureRecord]]:
     fs, _ = open_fs(plan.config.input.uri, plan.config.storage)
     shards = shards_of(plan.work)
     with ThreadPoolExecutor(COUNT_THREADS) as pool:
-        counts = list(pool.map(lambda shard: _count(fs, shard), shards))
+        counts = list(pool.map(lambda shard: _count(fs, shard, plan.config.input), shards))
     bad = [FailureRecord(shard_failure_id(shard.source), shard.source, reason, None)
            for shard, reason in zip(shards, counts) if isinstance(reason, str)]
     return sum(count for count in counts if isinstance(count, int)), bad
@@ -143,10 +143,10 @@ def _keep_schema(plan: Plan, previous_run: dict | None) -> pa.Schema:
     return keep_schema(fs, shards_of(plan.work.slice(0, 16)), plan.config.input)
 
 
-def _count(fs, shard) -> int | str:
+def _count(fs, shard, cfg) -> int | str:
     """Rows of a shard, or why it cannot be read."""
     try:
-        return count_rows(fs, shard)
+        return count_rows(fs, shard, cfg)
     except InputError as exc:
         return str(exc)
 
@@ -183,9 +183,9 @@ def describe_outputs(outputs: tuple[ResolvedOutput, ...], config: StrataConfig, 
     order, pooling none, words first → [1536] per word`."""
     parts = []
     for o in outputs:
-        how = _COMBINED[o.combine] if o.pooled_layers > 1 else "one layer"
+        how = f" {_COMBINED[o.combine]}" if o.pooled_layers > 1 else ""
         pooling = f"pooling {o.pooling}" + (f", words {o.words}" if o.words != "none" else "")
-        parts.append(f"{o.name}: layers {list(o.layers)} of 0..{model.num_layers} {how}, {pooling} → "
+        parts.append(f"{o.name}: layers {list(o.layers)} of 0..{model.num_layers}{how}, {pooling} → "
                      f"{list(o.vector_shape(model.hidden_size))} per {_unit(o, config)}")
     return "; ".join(parts)
 

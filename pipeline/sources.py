@@ -280,18 +280,26 @@ class _ZstdFrames(io.RawIOBase):
         return b"".join(out)
 
 
-def count_rows(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
-    """Rows in a shard: lines for JSONL/text (a last line without newline counts), rows for Parquet."""
+def count_rows(fs: fsspec.AbstractFileSystem, shard: Shard, cfg: InputConfig | None = None) -> int:
+    """Rows in a shard: lines for JSONL/text (a last line without newline counts), rows for Parquet.
+    With `cfg`, InputError also for a shard that cannot hold the documents it names (see `check_format`)."""
+    if cfg is not None:
+        check_format(shard, cfg)
     try:
         if shard.format == "parquet":
             with fs.open(shard.path, "rb") as f:
-                return pq.ParquetFile(f).metadata.num_rows
+                parquet = pq.ParquetFile(f)
+                if cfg is not None:
+                    _check_document_column(set(parquet.schema_arrow.names), shard, cfg)
+                return parquet.metadata.num_rows
         lines, last = 0, b"\n"
         with open_shard(fs, shard) as f:
             while chunk := f.read(1 << 22):
                 lines += chunk.count(b"\n")
                 last = chunk[-1:]
         return lines + (last != b"\n")
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means the shard is unreadable
         raise InputError(f"cannot read shard {shard.source}: {exc}") from None
 
@@ -365,9 +373,7 @@ def read_fragments(
     kept_types = {name: pa.string() for name in cfg.keep_fields}
     kept_types.update({f.name: f.type for f in kept or []})
     start, records = 0, None
-    if shard.format == "text" and cfg.words_field is not None:
-        raise InputError(f"shard {shard.source} is plain text (one document per line), which holds no list of "
-                         f"words: input.words_field needs JSONL or Parquet shards")
+    check_format(shard, cfg)
     try:
         records = _parquet_records(fs, shard, cfg, None) if shard.format == "parquet" else _line_records(fs, shard)
         upcoming = next(records, None)
@@ -391,6 +397,21 @@ def read_fragments(
     finally:
         if records is not None:
             records.close()
+
+
+def _check_document_column(names: set[str], shard: Shard, cfg: InputConfig) -> str:
+    """The column of a Parquet shard holding the documents (text or words); InputError if absent."""
+    field, key = (cfg.text_field, "text_field") if cfg.words_field is None else (cfg.words_field, "words_field")
+    if field not in names:
+        raise InputError(f"shard {shard.source} has no column {field!r} (input.{key})")
+    return field
+
+
+def check_format(shard: Shard, cfg: InputConfig) -> None:
+    """InputError when the shard's format cannot hold what the config reads from it."""
+    if shard.format == "text" and cfg.words_field is not None:
+        raise InputError(f"shard {shard.source} is plain text (one document per line), which holds no list of "
+                         f"words: input.words_field needs JSONL or Parquet shards")
 
 
 def texts_at(cfg: InputConfig, wanted: list[tuple[str, int, str]], storage: StorageConfig | None = None
@@ -456,9 +477,7 @@ def _parquet_records(fs, shard: Shard, cfg: InputConfig, stop: int | None) -> It
     with fs.open(shard.path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
-        field, key = (cfg.text_field, "text_field") if cfg.words_field is None else (cfg.words_field, "words_field")
-        if field not in names:
-            raise InputError(f"shard {shard.source} has no column {field!r} (input.{key})")
+        field = _check_document_column(names, shard, cfg)
         wanted = [c for c in dict.fromkeys([cfg.id_field, field, *cfg.keep_fields]) if c in names]
         row = 0
         for batch in pf.iter_batches(columns=wanted, batch_size=4096):
@@ -575,7 +594,7 @@ class _Builder:
         surrogate (JSON's `\\ud800` escape), or a kept value of another type than the output's."""
         keep = []
         for i, (doc_id, row, text) in enumerate(zip(self.ids, self.rows, self.texts)):
-            problem = _unicode_problem("id", doc_id) or _text_unicode_problem(self.cfg, text) or next(
+            problem = _unicode_problem("'id'", doc_id) or _text_unicode_problem(self.cfg, text) or next(
                 (p for name, values in self.kept.items() if (p := _kept_problem(name, values[i], self.kept_types[name]))),
                 None)
             if problem:
@@ -586,18 +605,18 @@ class _Builder:
         self.kept = {name: [values[i] for i in keep] for name, values in self.kept.items()}
 
 
-def _unicode_problem(name: str, text: str) -> str | None:
+def _unicode_problem(label: str, text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        return f"{name!r} holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character {exc.start}), not valid Unicode"
+        return f"{label} holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character {exc.start}), not valid Unicode"
     return None
 
 
 def _text_unicode_problem(cfg: InputConfig, text: str | list[str]) -> str | None:
     if cfg.words_field is None:
-        return _unicode_problem(cfg.text_field, text)
-    return next((p for i, word in enumerate(text) if (p := _unicode_problem(f"{cfg.words_field}[{i}]", word))), None)
+        return _unicode_problem(repr(cfg.text_field), text)
+    return next((p for i, word in enumerate(text) if (p := _unicode_problem(f"{cfg.words_field!r}[{i}]", word))), None)
 
 
 def shown_text(text: object) -> str:
@@ -629,11 +648,15 @@ def has_visible_text(text: str) -> bool:
     return bool(_VISIBLE.search(text))
 
 
-def _text_problem(text: object, field_name: str, present: bool) -> str | None:
+def _absence(value: object, field_name: str, present: bool) -> str | None:
     if not present:
         return f"no {field_name!r} field"
-    if text is None:
-        return f"{field_name!r} is null"
+    return f"{field_name!r} is null" if value is None else None
+
+
+def _text_problem(text: object, field_name: str, present: bool) -> str | None:
+    if text is None or not present:
+        return _absence(text, field_name, present)
     if not isinstance(text, str):
         return f"{field_name!r} is a {type(text).__name__}, not a string"
     if not text.strip():
@@ -645,10 +668,8 @@ def _text_problem(text: object, field_name: str, present: bool) -> str | None:
 
 def _words_problem(words: object, field_name: str, present: bool) -> str | None:
     """Why a value is not a document's list of words (pre-tokenized input), or None."""
-    if not present:
-        return f"no {field_name!r} field"
-    if words is None:
-        return f"{field_name!r} is null"
+    if words is None or not present:
+        return _absence(words, field_name, present)
     if not isinstance(words, list):
         return f"{field_name!r} is a {type(words).__name__}, not a list of words (strings)"
     if not words:

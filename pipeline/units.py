@@ -66,7 +66,7 @@ def token_units(windows: TokenWindows, plan: RowPlan, words: str) -> TokenUnits:
     given = windows.n_words is not None and words != "none"
     if given:  # unit = the row's first unit + the given word's index
         counts = windows.n_words.astype(np.int64)
-        first_unit = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        first_unit = np.cumsum(counts) - counts
         unit_of = first_unit[row] + windows.word_ids[emitted]
     else:
         starts_unit = np.ones(len(emitted), dtype=bool)
@@ -78,7 +78,7 @@ def token_units(windows: TokenWindows, plan: RowPlan, words: str) -> TokenUnits:
     units = int(counts.sum())
     # a unit's tokens are consecutive among the emitted ones: its first and last are where it changes
     changes = unit_of[1:] != unit_of[:-1]
-    is_first, is_last = np.r_[True, changes], np.r_[changes, True]
+    is_first, is_last = (np.r_[True, changes], np.r_[changes, True]) if len(emitted) else (changes, changes)
     unit = np.full(len(windows.ids), -1, dtype=np.int64)
     also = None
     if words in ("none", "mean"):

@@ -90,7 +90,7 @@ def vector_source(spec: OutputSpec, column_type: pa.DataType, layers: list[int],
     """Check that a column can feed an index and say which vector it gives. Pure."""
     name = spec.name
     if spec.pooling == "none":
-        raise StrataError(f"column {name!r} is token-level (pooling: none, one vector per token); index a pooled "
+        raise StrataError(f"column {name!r} is token-level (pooling: none, one vector per token or word); index a pooled "
                           "output (pooling cls, mean, max or first_last_avg)")
     inner = column_type.value_type
     if not pa.types.is_fixed_size_list(inner):  # (D,): concat, mean, sum, weighted

@@ -124,3 +124,12 @@ def test_the_html_report_renders_in_a_headless_browser(labeled_output, tmp_path)
     pixels = (matplotlib.image.imread(shot)[..., :3] * 255).round()
     plotted = np.all(np.abs(pixels - [31, 119, 180]) < 8, axis=-1).sum()  # matplotlib's first line colour
     assert pixels.shape[:2] == (1000, 1280) and plotted > 500  # the inline plot was decoded and drawn
+
+
+def test_a_token_level_column_is_refused_with_what_to_probe_instead():
+    identity = {"outputs": [{"name": "words", "pooling": "none", "combine": "stack", "words": "first_last"},
+                            {"name": "doc", "pooling": "mean", "combine": "stack"}]}
+    assert stacked_columns(identity, None) == [identity["outputs"][1]]
+    with pytest.raises(StrataError, match=r"column 'words' holds no per-layer vectors of documents \(pooling none, "
+                                          r"combine stack\); probe a pooled column \(pooling cls, mean or max\)"):
+        stacked_columns(identity, ["words"])

@@ -50,7 +50,7 @@ def run(model, texts, stride, window_rows=False, specs=SPECS):
 
 def max_context_owner(n_content: int, windows: list[range]) -> list[int]:
     """For each text token, the window where it has the most context on its shorter side
-    (the rule BERT's SQuAD code uses for overlapping windows); ties go to the later window."""
+    (BERT's SQuAD max-context rule, without its 0.01 × window-length bonus); ties go to the later window."""
     owners = []
     for p in range(n_content):
         score = {k: min(p - w.start, w.stop - 1 - p) for k, w in enumerate(windows) if p in w}

@@ -215,7 +215,8 @@ def test_bad_word_lists_are_quarantined_and_missing_words_are_null(ray_cluster, 
              {"id": "empty-word", "words": ["a", "", "b"]}, {"id": "space-word", "words": ["a", " \t"]},
              {"id": "number-word", "words": ["a", 3]}, {"id": "null-word", "words": ["a", None]},
              {"id": "string", "words": "a b c"}, {"id": "empty-list", "words": []}, {"id": "no-words", "text": "a b"},
-             {"id": "null", "words": None}, {"id": "only-invisible", "words": ["\u200b", "\u0301"]}]
+             {"id": "null", "words": None}, {"id": "only-invisible", "words": ["\u200b", "\u0301"]},
+             {"id": "surrogate", "words": ["a", "b\ud800"]}]
     (tmp_path / "in").mkdir()
     write_jsonl(tmp_path / "in" / "a.jsonl", jsonl)
     pq.write_table(pa.table({"id": ["p0", "p1"], "tokens": pa.array([["Paris", "\u200b", "rocks"], ["x", None]],
@@ -229,7 +230,7 @@ def test_bad_word_lists_are_quarantined_and_missing_words_are_null(ray_cluster, 
                             "model": {"max_length": 6}, "outputs": outputs, "run": {"max_error_rate": 1},
                             "output": {"uri": str(tmp_path / name), "precision": "float32"}})
         summary = run(cfg, console=Console(file=console_file, width=200))
-        rows = 11 if name == "a.jsonl" else 2
+        rows = 12 if name == "a.jsonl" else 2
         assert summary["docs"] + summary["quarantined"] == rows
 
     quarantine = {q["id"]: q["reason"] for q in ds.dataset(tmp_path / "a.jsonl" / "quarantine").to_table().to_pylist()}
@@ -238,7 +239,8 @@ def test_bad_word_lists_are_quarantined_and_missing_words_are_null(ray_cluster, 
         "space-word": "'words'[1] is an empty word (' \\t'); a word holds at least one visible character",
         "number-word": "'words'[1] is a int, not a string (a word)", "null-word": "'words'[1] is null, not a string (a word)",
         "string": "'words' is a str, not a list of words (strings)", "empty-list": "'words' is an empty list",
-        "no-words": "no 'words' field", "null": "'words' is null", "only-invisible": EMPTY_REASON}
+        "no-words": "no 'words' field", "null": "'words' is null", "only-invisible": EMPTY_REASON,
+        "surrogate": "'words'[1] holds a lone surrogate (\\ud800 at character 1), not valid Unicode"}
     table = ds.dataset(tmp_path / "a.jsonl" / "data", format="parquet").to_table().sort_by("id")
     long, ok = table.to_pylist()
     assert ok["w"][2] is None and ok["w_missing"] == 1 and ok["w_offsets"][2] == {"word": 2, "start": 0, "end": 0}
@@ -253,14 +255,35 @@ def test_bad_word_lists_are_quarantined_and_missing_words_are_null(ray_cluster, 
     assert [(q["id"], q["reason"]) for q in quarantine] == [("p1", "'tokens'[1] is null, not a string (a word)")]
 
 
-def test_plain_text_shards_hold_no_words(tmp_path):
+def test_shards_that_cannot_hold_the_words_fail_validate_and_run(tmp_path, capsys):
+    from conftest import cli, write_config
     from pipeline.config import InputConfig
     from pipeline.errors import InputError
     from pipeline.sources import list_shards, read_fragments
     from pipeline.storage import open_fs
 
-    (tmp_path / "a.txt").write_text("one line\n")
-    cfg = InputConfig(uri=str(tmp_path / "a.txt"), words_field="words")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("one line\n")
+    cfg = InputConfig(uri=str(tmp_path / "in" / "a.txt"), words_field="words")
     fs, _ = open_fs(cfg.uri)
     with pytest.raises(InputError, match="is plain text .* input.words_field needs JSONL or Parquet shards"):
         list(read_fragments(fs, list_shards(cfg)[0], 10, cfg))
+    config = write_config(tmp_path / "c.yaml", input={"uri": str(tmp_path / "in"), "words_field": "words"},
+                          output={"uri": str(tmp_path / "out")})
+    code, _, err = cli(capsys, "validate", str(config))
+    assert code == 1 and "1 shard cannot be read (a.txt: shard a.txt is plain text" in err
+    (tmp_path / "in" / "a.txt").unlink()
+    pq.write_table(pa.table({"text": ["a b"]}), tmp_path / "in" / "b.parquet")
+    code, _, err = cli(capsys, "validate", str(config))
+    assert code == 1 and "1 shard cannot be read (b.parquet: shard b.parquet has no column 'words' " \
+                         "(input.words_field))" in err
+
+
+def test_no_documents_no_units(model_info):
+    """A fragment whose documents were all quarantined still passes through the embedder."""
+    for words in (True, False):
+        outputs = tuple(resolve_output(s, model_info.num_layers) for s in specs())
+        windows = TextTokenizer(model_info.path, 64, None, details=True, words=words).encode([])
+        result = Embedder(EmbedSettings(model_info, outputs, "float32", 512, "float32"), torch.device("cpu")).embed(windows)
+        assert all(len(v) == 0 for v in result.vectors.values())
+        assert result.vectors["first_last_0"].shape == (0, 768)
