@@ -110,6 +110,10 @@ def assert_readme_readers_see(out: Path, docs: int) -> None:
       ORDER BY version DESC LIMIT 1)""")
     assert con.execute("SELECT count(*), count(DISTINCT id) FROM read_parquet(getvariable('files'))").fetchone() == \
         (docs, docs)
+    rows = con.execute("SELECT id, v FROM read_parquet(getvariable('files')) ORDER BY id").fetchall()
+    expected = table.sort_by("id")
+    assert [r[0] for r in rows] == expected["id"].to_pylist()
+    np.testing.assert_array_equal(np.array([r[1] for r in rows], np.float32), np.array(expected["v"].to_pylist()))
 
 
 def killed_run(cfg_path: Path, after_commits: int) -> None:
