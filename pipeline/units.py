@@ -65,6 +65,8 @@ def token_units(windows: TokenWindows, plan: RowPlan, words: str) -> TokenUnits:
     offsets = windows.offsets[emitted]
     given = windows.n_words is not None and words != "none"
     if given:  # unit = the row's first unit + the given word's index
+        if plan.rows != len(windows.n_words):
+            raise ValueError("given words make one row per document; rows per window cannot hold them")
         counts = windows.n_words.astype(np.int64)
         first_unit = np.cumsum(counts) - counts
         unit_of = first_unit[row] + windows.word_ids[emitted]
