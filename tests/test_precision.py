@@ -40,6 +40,7 @@ def output_specs() -> list[OutputSpec]:
                    weights=[0.2, 0.3, 0.5]),
         OutputSpec(name="words_first", layers=[2, -1], pooling="none", combine="sum", words="first"),
         OutputSpec(name="words_mean", layers=[-1], pooling="none", combine="concat", words="mean"),
+        OutputSpec(name="words_first_last", layers=[-1, -2], pooling="none", combine="stack", words="first_last"),
     ]
 
 
@@ -111,7 +112,7 @@ def test_token_and_word_vectors_agree_with_float32(embedded, dtype):
     for name, units in exact.token_units.items():  # the same tokens and words, in the same places
         np.testing.assert_array_equal(low.token_units[name].spans, units.spans, err_msg=name)
     worst = {name: c for name, c in worst_cosines(low, exact).items() if name in low.token_units}
-    assert len(worst) == 5
+    assert len(worst) == 6
     print(f"{dtype} tokens, min cosine: " + ", ".join(f"{n} {c:.6f}" for n, c in worst.items()))
     failing = {name: c for name, c in worst.items() if c < TOKEN_BOUND}
     assert not failing, failing

@@ -219,40 +219,35 @@ def test_bad_word_lists_are_quarantined_and_missing_words_are_null(ray_cluster, 
              {"id": "surrogate", "words": ["a", "b\ud800"]}]
     (tmp_path / "in").mkdir()
     write_jsonl(tmp_path / "in" / "a.jsonl", jsonl)
-    pq.write_table(pa.table({"id": ["p0", "p1"], "tokens": pa.array([["Paris", "\u200b", "rocks"], ["x", None]],
-                                                                   pa.list_(pa.string()))}),
+    pq.write_table(pa.table({"id": ["p0", "p1"], "words": pa.array([["Paris", "\u200b", "rocks"], ["x", None]],
+                                                                  pa.large_list(pa.large_string()))}),
                    tmp_path / "in" / "b.parquet")
     outputs = [{"name": "w", "layers": [-1], "pooling": "none", "combine": "concat", "words": "mean"},
                {"name": "doc", "layers": [-1], "pooling": "mean", "combine": "concat"}]
     console_file = io.StringIO()
-    for name, field_name in (("a.jsonl", "words"), ("b.parquet", "tokens")):
-        cfg = parse_config({"input": {"uri": str(tmp_path / "in" / name), "words_field": field_name},
-                            "model": {"max_length": 6}, "outputs": outputs, "run": {"max_error_rate": 1},
-                            "output": {"uri": str(tmp_path / name), "precision": "float32"}})
-        summary = run(cfg, console=Console(file=console_file, width=200))
-        rows = 12 if name == "a.jsonl" else 2
-        assert summary["docs"] + summary["quarantined"] == rows
+    cfg = parse_config({"input": {"uri": str(tmp_path / "in"), "words_field": "words"},
+                        "model": {"max_length": 6}, "outputs": outputs, "run": {"max_error_rate": 1},
+                        "output": {"uri": str(tmp_path / "out"), "precision": "float32"}})
+    summary = run(cfg, console=Console(file=console_file, width=200))
+    assert (summary["docs"], summary["quarantined"]) == (3, 11)  # 12 + 2 rows
 
-    quarantine = {q["id"]: q["reason"] for q in ds.dataset(tmp_path / "a.jsonl" / "quarantine").to_table().to_pylist()}
+    quarantine = {q["id"]: q["reason"] for q in ds.dataset(tmp_path / "out" / "quarantine").to_table().to_pylist()}
     assert quarantine == {
         "empty-word": "'words'[1] is an empty word (''); a word holds at least one visible character",
         "space-word": "'words'[1] is an empty word (' \\t'); a word holds at least one visible character",
         "number-word": "'words'[1] is a int, not a string (a word)", "null-word": "'words'[1] is null, not a string (a word)",
         "string": "'words' is a str, not a list of words (strings)", "empty-list": "'words' is an empty list",
         "no-words": "no 'words' field", "null": "'words' is null", "only-invisible": EMPTY_REASON,
-        "surrogate": "'words'[1] holds a lone surrogate (\\ud800 at character 1), not valid Unicode"}
-    table = ds.dataset(tmp_path / "a.jsonl" / "data", format="parquet").to_table().sort_by("id")
-    long, ok = table.to_pylist()
+        "surrogate": "'words'[1] holds a lone surrogate (\\ud800 at character 1), not valid Unicode",
+        "p1": "'words'[1] is null, not a string (a word)"}  # the Parquet shard's
+    rows = {r["id"]: r for r in ds.dataset(tmp_path / "out" / "data", format="parquet").to_table().to_pylist()}
+    ok, long = rows["ok"], rows["long"]
     assert ok["w"][2] is None and ok["w_missing"] == 1 and ok["w_offsets"][2] == {"word": 2, "start": 0, "end": 0}
     assert all(v is not None for i, v in enumerate(ok["w"]) if i != 2)
     assert long["truncated"] and len(long["w"]) == 7 and long["w_missing"] == 3  # 4 words fit in 6 tokens
-    assert "1 document was cut at 6 tokens (50% of the version); long_text.strategy: sliding_window keeps them " \
+    assert (rows["p0"]["w_missing"], [v is None for v in rows["p0"]["w"]]) == (1, [False, True, False])
+    assert "1 document was cut at 6 tokens (33% of the version); long_text.strategy: sliding_window keeps them " \
            "whole" in console_file.getvalue()
-
-    parquet = ds.dataset(tmp_path / "b.parquet" / "data", format="parquet").to_table().to_pylist()
-    assert [(r["id"], r["w_missing"], [v is None for v in r["w"]]) for r in parquet] == [("p0", 1, [False, True, False])]
-    quarantine = ds.dataset(tmp_path / "b.parquet" / "quarantine").to_table().to_pylist()
-    assert [(q["id"], q["reason"]) for q in quarantine] == [("p1", "'tokens'[1] is null, not a string (a word)")]
 
 
 def test_shards_that_cannot_hold_the_words_fail_validate_and_run(tmp_path, capsys):
