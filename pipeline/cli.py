@@ -73,9 +73,9 @@ def validate(config: str = typer.Argument(..., help="YAML config file"), overrid
                f"max_length {plan.model.max_length}); {count_of(plan.work.num_rows, 'shard')}, {rows:,} rows; outputs "
                + describe_outputs(plan.outputs, cfg, plan.model) + kept)
     if bad:
-        first = bad[0]
-        raise StrataError(f"{count_of(len(bad), 'shard')} cannot be read ({first.source}: {first.reason}"
-                          f"{'; ...' if len(bad) > 1 else ''}); the rest is fine: {summary}")
+        named = "; ".join(f"{failure.source}: {failure.reason}" for failure in bad[:3])
+        more = f"; and {count_of(len(bad) - 3, 'more shard')}" if len(bad) > 3 else ""
+        raise StrataError(f"{count_of(len(bad), 'shard')} cannot be read ({named}{more}); the rest is fine: {summary}")
     err.print(f"ok: {summary}", markup=False, highlight=False)
 
 

@@ -185,7 +185,10 @@ def describe_outputs(outputs: tuple[ResolvedOutput, ...], config: StrataConfig, 
     for o in outputs:
         how = f" {_COMBINED[o.combine]}" if o.pooled_layers > 1 else ""
         pooling = f"pooling {o.pooling}" + (f", words {o.words}" if o.words != "none" else "")
-        parts.append(f"{o.name}: layers {list(o.layers)} of 0..{model.num_layers}{how}, {pooling} → "
+        layers = list(o.layers)
+        if o.pooling == "first_last_avg":  # what the vector is made of: hidden states 1 and the deepest chosen
+            layers, pooling = [1, o.depth], f"pooling first_last_avg (token-wise mean of 1 and {o.depth})"
+        parts.append(f"{o.name}: layers {layers} of 0..{model.num_layers}{how}, {pooling} → "
                      f"{list(o.vector_shape(model.hidden_size))} per {_unit(o, config)}")
     return "; ".join(parts)
 

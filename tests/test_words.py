@@ -265,13 +265,25 @@ def test_shards_that_cannot_hold_the_words_fail_validate_and_run(tmp_path, capsy
         list(read_fragments(fs, list_shards(cfg)[0], 10, cfg))
     config = write_config(tmp_path / "c.yaml", input={"uri": str(tmp_path / "in"), "words_field": "words"},
                           output={"uri": str(tmp_path / "out")})
-    code, _, err = cli(capsys, "validate", str(config))
-    assert code == 1 and "1 shard cannot be read (a.txt: shard a.txt is plain text" in err
-    (tmp_path / "in" / "a.txt").unlink()
     pq.write_table(pa.table({"text": ["a b"]}), tmp_path / "in" / "b.parquet")
     code, _, err = cli(capsys, "validate", str(config))
-    assert code == 1 and "1 shard cannot be read (b.parquet: shard b.parquet has no column 'words' " \
-                         "(input.words_field))" in err
+    assert code == 1 and err.count("\n") == 1 and "2 shards cannot be read (a.txt: shard a.txt is plain text" in err
+    assert "; b.parquet: shard b.parquet has no column 'words' (input.words_field)); the rest is fine" in err
+
+
+def test_the_layer_line_says_what_each_vector_is_made_of(model_info):
+    from pipeline.config import parse_config
+    from pipeline.runner import describe_outputs
+
+    cfg = parse_config({"input": {"uri": "in/"}, "output": {"uri": "out/"}, "outputs": [
+        {"name": "a", "layers": "-4:", "pooling": "mean", "combine": "concat"},
+        {"name": "b", "layers": [-1, -2, -3, -4], "pooling": "none", "combine": "stack", "words": "first_last"},
+        {"name": "c", "layers": [2, 4], "pooling": "first_last_avg", "combine": "concat"}]})
+    outputs = tuple(resolve_output(spec, model_info.num_layers) for spec in cfg.outputs)
+    assert describe_outputs(outputs, cfg, model_info) == (
+        "a: layers [3, 4, 5, 6] of 0..6 concatenated in this order, pooling mean → [1536] per document; "
+        "b: layers [6, 5, 4, 3] of 0..6 stacked in this order, pooling none, words first_last → [4, 768] per word; "
+        "c: layers [1, 4] of 0..6, pooling first_last_avg (token-wise mean of 1 and 4) → [384] per document")
 
 
 def test_no_documents_no_units(model_info):
