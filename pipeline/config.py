@@ -78,6 +78,11 @@ class InputConfig(_Strict):
                                        "one word vector per given word")
     keep_fields: list[str] = Field(default_factory=list, description="Input fields copied into the output rows")
 
+    @property
+    def document_field(self) -> str:
+        """The field each document is read from: words_field when set, else text_field."""
+        return self.text_field if self.words_field is None else self.words_field
+
     @field_validator("keep_fields")
     @classmethod
     def _keep_fields_are_columns(cls, fields: list[str]) -> list[str]:

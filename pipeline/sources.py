@@ -401,8 +401,9 @@ def read_fragments(
 
 def _check_document_column(names: set[str], shard: Shard, cfg: InputConfig) -> str:
     """The column of a Parquet shard holding the documents (text or words); InputError if absent."""
-    field, key = (cfg.text_field, "text_field") if cfg.words_field is None else (cfg.words_field, "words_field")
+    field = cfg.document_field
     if field not in names:
+        key = "text_field" if cfg.words_field is None else "words_field"
         raise InputError(f"shard {shard.source} has no column {field!r} (input.{key})")
     return field
 
@@ -541,14 +542,11 @@ class _Builder:
         if isinstance(record, str):
             self._quarantine(doc_id, row, record, "")
             return
-        if self.cfg.words_field is None:
-            text = record.get(self.cfg.text_field)
-            problem = _text_problem(text, self.cfg.text_field, self.cfg.text_field in record)
-        else:
-            text = record.get(self.cfg.words_field)
-            problem = _words_problem(text, self.cfg.words_field, self.cfg.words_field in record)
+        field = self.cfg.document_field
+        text = record.get(field)
+        problem = (_text_problem if self.cfg.words_field is None else _words_problem)(text, field, field in record)
         if problem:
-            self._quarantine(doc_id, row, problem, shown_text(text))
+            self._quarantine(doc_id, row, problem, text)
             return
         self.ids.append(doc_id)
         self.rows.append(row)
@@ -564,7 +562,7 @@ class _Builder:
         return value if isinstance(value, str) else str(value) if isinstance(value, (int, float)) and \
             not isinstance(value, bool) else json.dumps(value, default=str)
 
-    def _quarantine(self, doc_id: str, row: int, reason: str, text: str) -> None:
+    def _quarantine(self, doc_id: str, row: int, reason: str, text: object) -> None:
         self.out.quarantine.append(
             {"id": doc_id, "source": self.shard.source, "row": row, "reason": reason,
              "text": shown_text(text)[:QUARANTINE_TEXT_CHARS]}

@@ -144,12 +144,10 @@ class TextTokenizer:
         """Texts, or lists of words when the tokenizer was made with `words=True`."""
         if self.stride is None:
             encodings = self._encode_truncated(texts)
-        else:
-            encodings = self.backend.encode_batch(texts, is_pretokenized=self.words)
-        if self.stride is None:
             windows = [[e] for e in encodings]
             truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
         else:
+            encodings = self.backend.encode_batch(texts, is_pretokenized=self.words)
             windows = [[e, *e.overflowing] for e in encodings]
             truncated = np.zeros(len(encodings), dtype=bool)
         flat = [w for doc in windows for w in doc]
