@@ -180,7 +180,7 @@ def run_bench(options: BenchOptions, report: Callable[[Measurement], None] = lam
         for name in options.models:  # bert-base borrows the vocabulary of a folder given beside it, if any
             folder = model_folder(name, Path(scratch), folders[0] if folders else None)
             info = resolve_model(ModelConfig(name_or_path=str(folder), max_length=options.max_length or "auto"))
-            tokenizer = TextTokenizer(info.path, info.max_length)
+            tokenizer = TextTokenizer(info, info.max_length)
             started = time.perf_counter()
             windows = tokenizer.encode(sample.texts)
             tokenize_seconds = time.perf_counter() - started

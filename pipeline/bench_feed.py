@@ -49,7 +49,7 @@ def host_cost(ctx) -> dict:
                              simulation=Simulation(UNLIMITED))
     job = JobSpec(config.input, settings, config.output.uri, "none", {}, fragment_docs=ctx.options.fragment_docs)
     (root / "output").mkdir()
-    tokenize = Tokenize(ctx.info.path, ctx.info.max_length, None, settings.token_details)
+    tokenize = Tokenize(ctx.info, ctx.info.max_length, None, settings.token_details)
     embed = Embed(settings, config.input.keep_fields, config.output.uri)
     shards = [Shard(**{**row, "path": row["path"].decode("utf-8", "surrogateescape")})
               for row in shard_table(config.input).to_pylist()]

@@ -113,6 +113,10 @@ class ModelConfig(_Strict):
     max_length: Union[Literal["auto"], int] = Field(
         "auto", description="Tokens per sequence; auto = the model folder's own limit"
     )
+    trust_remote_code: bool = Field(
+        False, description="Run the model folder's own Python (config.json auto_map) on every node, as "
+        "transformers' trust_remote_code does; off: such a folder is refused"
+    )
 
     @field_validator("max_length")
     @classmethod
@@ -310,6 +314,8 @@ class StrataConfig(_Strict):
         decides the fragments themselves (not replicas, token_budget or output.uri)."""
         relevant = self.model_dump(include={"input", "model", "outputs", "long_text", "output"})
         relevant["output"].pop("uri")
+        if not relevant["model"]["trust_remote_code"]:  # outputs made before the key existed keep their identity
+            relevant["model"].pop("trust_remote_code")
         if self.long_text.window_stride is None:  # stride and aggregate only matter for windows
             relevant["long_text"] = {"strategy": "truncate"}
         relevant["batching"] = {"fragment_docs": self.batching.fragment_docs}

@@ -56,7 +56,7 @@ class Embedder:
             self.device = device or pick_device()
             if self.device.type == "cpu" and settings.cpu_threads:
                 torch.set_num_threads(settings.cpu_threads)
-            self.encoder = Encoder(settings.model.path, depth, pick_dtype(settings.dtype, self.device), self.device,
+            self.encoder = Encoder(settings.model, depth, pick_dtype(settings.dtype, self.device), self.device,
                                    settings.device_options)
         self.torch_precision, self.numpy_precision = PRECISIONS[settings.precision]
 
@@ -103,7 +103,11 @@ class Embedder:
         positions = np.arange(width)[None, :]
         valid = positions < windows.lengths[batch][:, None]  # (B, T)
         input_ids = self._to_device(_padded(windows.ids, starts, batch, valid, 0))
-        hidden_states = self.encoder(input_ids, self._to_device(valid.astype(np.int64)))  # depth + 1 of (B, T, D)
+        mask = self._to_device(valid.astype(np.int64))
+        if windows.type_ids is None:
+            hidden_states = self.encoder(input_ids, mask)  # depth + 1 of (B, T, D)
+        else:
+            hidden_states = self.encoder(input_ids, mask, self._to_device(_padded(windows.type_ids, starts, batch, valid, 0)))
         lo, hi = plan.owned[batch, 0:1], plan.owned[batch, 1:2]
         owned = self._to_device((positions >= lo) & (positions < hi))
         contributions = {}

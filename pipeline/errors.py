@@ -79,3 +79,13 @@ def root_cause(exc: BaseException) -> str:
             break
         exc = inner
     return str(exc) if isinstance(exc, StrataError) else one_line(exc)
+
+
+def described(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and first line, and the next line when the first only
+    announces it ("Validation error for field 'x':")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = escaped(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.architecture import Architecture, inspect_architecture
 from pipeline.config import ModelConfig, StorageConfig
-from pipeline.errors import ConfigError, ModelError, StrataError, escaped, one_line
+from pipeline.errors import ConfigError, ModelError, StrataError, described, one_line
 from pipeline.storage import open_fs
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -41,6 +42,10 @@ class ModelInfo:
     hidden_size: int
     max_length: int
     weights_sha256: str
+    model_class: str = ""  # transformers' class for the folder ("BertModel")
+    trust_remote_code: bool = False  # the folder's own Python builds the model (model.trust_remote_code)
+    token_type_ids: bool = False  # the tokenizer makes token_type_ids and the model takes them
+    tokenizer_overrides: str | None = None  # see architecture.tokenizer_overrides
 
 
 def default_model_path() -> Path:
@@ -112,42 +117,43 @@ def resolve_model(cfg: ModelConfig, storage: StorageConfig | None = None) -> Mod
     num_layers = _integer(config_file, hf_config, "num_hidden_layers", "n_layers", most=MAX_LAYERS)
     hidden = _integer(config_file, hf_config, "hidden_size", "dim", most=MAX_HIDDEN_SIZE)
     if not num_layers or not hidden:
+        inspect_architecture(folder, cfg.trust_remote_code)  # names what the folder holds instead, where it can
         raise ModelError(f"{config_file} names no num_hidden_layers/hidden_size: not a BERT-style encoder")
     heads = _integer(config_file, hf_config, "num_attention_heads", "n_heads")
     if heads and hidden % heads:  # the replica could not split hidden_size into heads: it would crash
         raise ModelError(f"{config_file}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-    positions = _integer(config_file, hf_config, "max_position_embeddings")
-    limit = _model_length_limit(folder, hf_config, positions)
+    _integer(config_file, hf_config, "max_position_embeddings")
+    limits = _folder_limits(folder)  # the files are checked before transformers reads them
+    arch = inspect_architecture(folder, cfg.trust_remote_code)
+    limit = _model_length_limit(folder, limits, arch)
     if cfg.max_length == "auto":
         if limit is None:
             raise ModelError(f"cannot tell the maximum sequence length of {folder}; set model.max_length")
         max_length = limit
-    elif positions and cfg.max_length > positions:
+    elif arch.position_limit is not None and cfg.max_length > arch.position_limit:
         raise ConfigError(
-            f"model.max_length {cfg.max_length} exceeds the model's position embeddings "
-            f"({positions}); use auto or a smaller number"
+            f"model.max_length {cfg.max_length} is more than {arch.model_class} can run: {arch.position_limit} "
+            f"tokens ({arch.position_rule}); use auto or at most {arch.position_limit}"
         )
     else:
         max_length = cfg.max_length
-    return ModelInfo(cfg.name_or_path, str(folder), num_layers, hidden, max_length, _weights_sha256(folder))
+    return ModelInfo(cfg.name_or_path, str(folder), arch.num_layers, hidden, max_length, _weights_sha256(folder),
+                     arch.model_class, arch.custom_code, arch.token_type_ids, arch.tokenizer_overrides)
 
 
-def _model_length_limit(folder: Path, hf_config: dict, positions: int | None) -> int | None:
-    """The folder's own sequence limit: sentence-transformers' setting, else the smaller of the
-    tokenizer's and the positions'. Both files are checked, whichever one decides."""
-    st_file, tok_file, config_file = (folder / name for name in
-                                      ("sentence_bert_config.json", "tokenizer_config.json", "config.json"))
+def _folder_limits(folder: Path) -> dict[Path, int | None]:
+    """The sequence limit the folder's files set: sentence-transformers' setting, else the
+    tokenizer's. Both files are checked, whichever one decides."""
+    st_file, tok_file = folder / "sentence_bert_config.json", folder / "tokenizer_config.json"
     st_limit = _integer(st_file, _json_object(st_file), "max_seq_length")
     tok_limit = _tokenizer_limit(tok_file)
-    if st_limit:
-        limits = {st_file: st_limit}
-    else:
-        limits = {tok_file: tok_limit}
-        if positions:
-            # RoBERTa-style models reserve pad_token_id + 1 positions before the first token
-            roberta = hf_config.get("model_type") in ("roberta", "xlm-roberta")
-            offset = (_integer(config_file, hf_config, "pad_token_id", least=0) or 0) + 1 if roberta else 0
-            limits[config_file] = positions - offset
+    return {st_file: st_limit} if st_limit else {tok_file: tok_limit}
+
+
+def _model_length_limit(folder: Path, limits: dict[Path, int | None], arch: Architecture) -> int | None:
+    """The folder's own sequence limit (`_folder_limits`), capped by what the model's positions
+    allow (`Architecture.position_limit`)."""
+    limits = {**limits, folder / "config.json": arch.position_limit}
     limits = {file: limit for file, limit in limits.items() if limit is not None}
     if not limits:
         return None
@@ -206,14 +212,14 @@ def check_model_folder(info: ModelInfo, with_transformers: bool = False) -> None
     from pipeline.tokenize import TextTokenizer
 
     try:
-        tokenizer = TextTokenizer(info.path, info.max_length)  # encodes a probe text
+        tokenizer = TextTokenizer(info, info.max_length)  # encodes a probe text
     except (StrataError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - a tokenizer that loads but cannot encode; Rust panics
         # in tokenizers (pyo3's PanicException) derive from BaseException, not Exception
-        raise ModelError(f"cannot load the tokenizer of {info.path}: {_cause(exc)}") from None
+        raise ModelError(f"cannot load the tokenizer of {info.path}: {described(exc)}") from None
     if with_transformers:
-        vocab_size = getattr(_transformers_config(info.path), "vocab_size", None)
+        vocab_size = getattr(_transformers_config(info.path, info.trust_remote_code), "vocab_size", None)
     else:
         vocab_size = _json_object(Path(info.path) / "config.json").get("vocab_size")
     largest_id = max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=-1)
@@ -224,13 +230,13 @@ def check_model_folder(info: ModelInfo, with_transformers: bool = False) -> None
         )
 
 
-def _transformers_config(path: str):
+def _transformers_config(path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - unknown model_type, a field of the wrong type, ...
-        raise ModelError(f"transformers cannot read {Path(path) / 'config.json'}: {_cause(exc)}") from None
+        raise ModelError(f"transformers cannot read {Path(path) / 'config.json'}: {described(exc)}") from None
 
 
 def check_weights_load(info: ModelInfo) -> None:
@@ -247,7 +253,7 @@ def check_weights_load(info: ModelInfo) -> None:
     with _load_reports() as reports, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. torch's remark on the pickle protocol of a .bin file
         try:
-            Encoder(info.path, info.num_layers, torch.float32, torch.device("cpu"))
+            Encoder(info, info.num_layers, torch.float32, torch.device("cpu"))
         except StrataError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the weights hold, one line
@@ -266,7 +272,7 @@ def _load_failure(weights: str, exc: Exception, reports: list) -> str:
     if "WeightsUnpickler error:" in text:  # what torch.load(weights_only=True) refused, without its advice
         refused = " ".join(text.split("WeightsUnpickler error:", 1)[1].split()).split(". ")[0]
         return f"{weights} holds objects other than tensors, which torch.load(weights_only=True) refuses ({refused})"
-    return f"{weights}: {_cause(exc)}"
+    return f"{weights}: {described(exc)}"
 
 
 @contextmanager
@@ -296,16 +302,6 @@ def _load_reports() -> Iterator[list]:
     finally:
         if original is not None:
             modeling_utils.log_state_dict_report = original
-
-
-def _cause(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line: its type and first line, and the next line when the first only
-    announces it ("Validation error for field 'x':")."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    text = escaped(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def weights_file(folder: Path) -> Path:

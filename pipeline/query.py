@@ -55,7 +55,7 @@ class QueryEncoder:
         long_text = LongTextConfig(**identity["long_text"])
         settings = EmbedSettings(self.model, (self.output,), identity["model"]["dtype"], QUERY_TOKEN_BUDGET,
                                  identity["output"]["precision"])  # windows are averaged: one vector per query
-        self.tokenizer = TextTokenizer(self.model.path, self.model.max_length, long_text.window_stride)
+        self.tokenizer = TextTokenizer(self.model, self.model.max_length, long_text.window_stride)
         self.embedder = Embedder(settings, device)
 
     def encode(self, texts: list[str]) -> np.ndarray:

@@ -15,6 +15,7 @@ between Arrow rows and payload dicts. Everything Ray-specific in strata lives he
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -285,8 +286,8 @@ def _actor_step(make_step, name: str):
 
 
 def _tokenizer_on_this_node(job: JobSpec) -> Tokenize:
-    path = local_model_path(job.embed.model, job.storage)
-    return Tokenize(path, job.embed.model.max_length, job.stride, job.embed.token_details,
+    model = dataclasses.replace(job.embed.model, path=local_model_path(job.embed.model, job.storage))
+    return Tokenize(model, model.max_length, job.stride, job.embed.token_details,
                     job.input.words_field is not None)
 
 

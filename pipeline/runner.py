@@ -88,7 +88,7 @@ def resolve(config: StrataConfig) -> tuple[ModelInfo, tuple[ResolvedOutput, ...]
     outputs = tuple(resolve_output(spec, model.num_layers) for spec in config.outputs)
     check_model_folder(model)  # the tokenizer loads: workers would otherwise fail one by one
     if config.long_text.window_stride is not None:
-        TextTokenizer(model.path, model.max_length, config.long_text.window_stride)  # checks the stride fits a window
+        TextTokenizer(model, model.max_length, config.long_text.window_stride)  # checks the stride fits a window
     return model, outputs
 
 

@@ -111,7 +111,8 @@ class SimulatedEncoder(torch.nn.Module):
         state = torch.empty(1, 2, hidden, dtype=dtype, device=META)
         (state.float() * torch.ones(1, 2, 1, dtype=torch.bool, device=META)).sum(dim=1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         # input_ids, attention_mask: (B, T) on meta -> depth + 1 tensors of (B, T, D) on meta
         batch, width = input_ids.shape
         self.device.launch(batch * width)

@@ -95,7 +95,9 @@ class DeviceOptions:
     measured it on one (docs/BENCHMARKS.md). Not config keys: a benchmark's switches."""
 
     pass_overhead: int | None = None  # tokens the packer counts per forward pass; None = the device's default
-    attention: str = "sdpa"  # transformers' attn_implementation (flash_attention_2 unpads inside attention)
+    # transformers' attn_implementation; None = what transformers picks for the architecture (sdpa where it
+    # has it, else eager); flash_attention_2 unpads inside attention
+    attention: str | None = None
     compile: str | None = None  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
 

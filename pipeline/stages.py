@@ -31,7 +31,7 @@ from pipeline.errors import InputError, StrataError, one_line
 from pipeline.changes import content_hashes, index_table
 from pipeline.incremental import carried_rows, changes_name, read_changes, split_by_changes
 from pipeline.manifest import HASHES_DIR, CommitRecord, FailureRecord, Manifest
-from pipeline.model import local_model_path
+from pipeline.model import ModelInfo, local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
 from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_fragments, shown_text
 from pipeline.spec import EmbedSettings
@@ -138,8 +138,8 @@ class Tokenize:
     """Replaces the text column (a text, or a list of words) by n_tokens, truncated and, for
     words, n_words, and adds the fragment's windows."""
 
-    def __init__(self, model_path: str, max_length: int, stride: int | None, details: bool, words: bool = False):
-        self.tokenizer = TextTokenizer(model_path, max_length, stride, details, words)
+    def __init__(self, model: ModelInfo | str, max_length: int, stride: int | None, details: bool, words: bool = False):
+        self.tokenizer = TextTokenizer(model, max_length, stride, details, words)
 
     @_guarded
     def __call__(self, payload: dict) -> dict:

@@ -16,6 +16,10 @@ own, each sub-token's word id is the index of the given word, and its character 
 inside that word. A word the tokenizer turns into nothing (a lone combining accent, a zero-width
 character) has no sub-token; `n_words` keeps the count of given words.
 
+The tokenizer is the one `AutoTokenizer` gives for the folder (see `load_backend`), so that
+strata's tokens are a user's `AutoTokenizer` tokens. Token type ids travel only where that
+tokenizer makes some that are not 0 and the model takes them (every model defaults them to 0).
+
 Everything is flat numpy (ids back to back, per-window lengths), so a fragment's tokens travel
 between Ray stages as a few Arrow columns, not as Python lists.
 """
@@ -26,13 +30,21 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
+import json
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import ConfigError, ModelError, escaped, one_line
 
+if TYPE_CHECKING:
+    from pipeline.model import ModelInfo
+
 CHARS_PER_TOKEN = 32  # a generous bound: real text averages about 4 characters per token
+# a tokenizer override saying: the model part is tokenizer.json's as the tokenizers library reads it
+MODEL_AS_TOKENIZERS_READS_IT = "as tokenizers reads tokenizer.json"
 
 
 @dataclass
@@ -51,6 +63,7 @@ class TokenWindows:
     word_ids: np.ndarray | None = None  # (sum of lengths,) int32 word index in the document, -1 if none
     offsets: np.ndarray | None = None  # (sum of lengths, 2) int32 character [start, end) (in its word, if given)
     n_words: np.ndarray | None = None  # (N,) int32 given words per document (pre-tokenized input only)
+    type_ids: np.ndarray | None = None  # (sum of lengths,) int8 token type ids, where the model gets them
 
     @property
     def starts(self) -> np.ndarray:
@@ -77,6 +90,8 @@ class TokenWindows:
             columns["word_ids"] = pa.ListArray.from_arrays(offsets, pa.array(self.word_ids))
             columns["offset_start"] = pa.ListArray.from_arrays(offsets, pa.array(self.offsets[:, 0]))
             columns["offset_end"] = pa.ListArray.from_arrays(offsets, pa.array(self.offsets[:, 1]))
+        if self.type_ids is not None:
+            columns["type_ids"] = pa.ListArray.from_arrays(offsets, pa.array(self.type_ids))
         return pa.table(columns)
 
     def select(self, keep: np.ndarray) -> "TokenWindows":
@@ -91,7 +106,7 @@ class TokenWindows:
         return TokenWindows(self.ids[token_kept], self.lengths[window_kept], renumber[self.doc[window_kept]],
                             self.owned[window_kept], self.span[window_kept], self.n_tokens[keep], self.truncated[keep],
                             tokens(self.special), tokens(self.word_ids), tokens(self.offsets),
-                            None if self.n_words is None else self.n_words[keep])
+                            None if self.n_words is None else self.n_words[keep], tokens(self.type_ids))
 
     @classmethod
     def from_table(cls, table: pa.Table, n_tokens: np.ndarray, truncated: np.ndarray,
@@ -115,18 +130,23 @@ class TokenWindows:
             word_ids=flat("word_ids") if details else None,
             offsets=np.stack([flat("offset_start"), flat("offset_end")], axis=1) if details else None,
             n_words=n_words,
+            type_ids=flat("type_ids") if "type_ids" in table.column_names else None,
         )
 
 
 class TextTokenizer:
-    """`stride` None = truncate; a number = sliding windows overlapping by that many tokens;
-    `words`: documents are lists of words (pre-tokenized), not texts."""
+    """The tokenizer of `model` (a resolved ModelInfo; a bare folder path takes its tokenizer.json
+    as it is). `stride` None = truncate; a number = sliding windows overlapping by that many
+    tokens; `words`: documents are lists of words (pre-tokenized), not texts."""
 
-    def __init__(self, model_path: str, max_length: int, stride: int | None = None, details: bool = False,
+    def __init__(self, model: "ModelInfo | str", max_length: int, stride: int | None = None, details: bool = False,
                  words: bool = False):
-        self.backend = _load_backend(model_path)
+        path, overrides = (model, None) if isinstance(model, str) else (model.path, model.tokenizer_overrides)
+        self.backend = load_backend(path, overrides)
         self.backend.no_padding()
         self.prefix, self.suffix = special_counts(self.backend)
+        # token types that are all 0 are what every model assumes without them: they need not travel
+        self.typed = not isinstance(model, str) and model.token_type_ids and any(self.backend.encode("x").type_ids)
         if max_length <= self.prefix + self.suffix:
             raise ConfigError(f"model.max_length {max_length} leaves no room for text beside the model's "
                               f"{self.prefix + self.suffix} special tokens; use at least {self.prefix + self.suffix + 1}")
@@ -164,6 +184,8 @@ class TextTokenizer:
         result = TokenWindows(ids, lengths, doc, owned, span, n_tokens, truncated)
         if self.words:
             result.n_words = np.fromiter(map(len, texts), np.int32, count=len(texts))
+        if self.typed:
+            result.type_ids = np.fromiter(chain.from_iterable(w.type_ids for w in flat), np.int8, count=total)
         if self.details:
             result.special = np.fromiter(chain.from_iterable(w.special_tokens_mask for w in flat), bool, count=total)
             result.word_ids = np.fromiter(
@@ -238,10 +260,12 @@ def check_stride(stride: int, max_length: int, added: int) -> None:
         )
 
 
-def _load_backend(model_path: str):
-    """The Rust tokenizer: tokenizer.json when present, else converted by transformers from the
-    folder's vocabulary files. A ModelError (one line: the folder, the file, the cause) when
-    neither gives a tokenizer with a vocabulary."""
+def load_backend(model_path: str, overrides: str | None = None):
+    """The Rust tokenizer `AutoTokenizer` gives for the folder: tokenizer.json with `overrides`
+    (the parts transformers builds otherwise, found by `architecture.tokenizer_overrides`) in
+    place, its Unigram scores exact (see `exact_unigram`). Without tokenizer.json and overrides,
+    transformers converts the folder's vocabulary files. A ModelError (one line: the folder, the
+    file, the cause) when neither gives a tokenizer with a vocabulary."""
     from tokenizers import Tokenizer
 
     def fail(why: str, exc: BaseException | None = None) -> ModelError:
@@ -250,10 +274,19 @@ def _load_backend(model_path: str):
 
     folder = Path(model_path)
     file = folder / "tokenizer.json"
-    if file.is_file():
-        source = file.name
+    if file.is_file() or overrides:
+        source = file.name if file.is_file() else "the tokenizer transformers builds"
+        changed = json.loads(overrides) if overrides else {}
+        as_read = changed.pop("model", None) if changed.get("model") == MODEL_AS_TOKENIZERS_READS_IT else None
         try:
-            backend = Tokenizer.from_file(str(file))
+            if file.is_file():  # tokenizers' own reading first: its errors name the fault in the file
+                backend = Tokenizer.from_file(str(file))
+            if changed or (not as_read and type(backend.model).__name__ == "Unigram"):
+                spec = json.loads(file.read_bytes()) if file.is_file() else {"version": "1.0"}
+                spec.update(changed)
+                backend = Tokenizer.from_str(json.dumps(spec))
+                if not as_read:
+                    exact_unigram(backend, spec.get("model"))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for any bad file
             raise fail("tokenizer.json is not valid", exc) from None
     else:
@@ -272,3 +305,17 @@ def _load_backend(model_path: str):
     if backend.get_vocab_size(with_added_tokens=False) == 0:
         raise fail(f"{source} holds an empty vocabulary")
     return backend
+
+
+def exact_unigram(backend, model: dict | None) -> None:
+    """Give a Unigram model the scores its JSON holds, exactly. tokenizers parses the scores of
+    tokenizer.json a unit in the last place off now and then (-3.65884015932 becomes
+    -3.6588401593200004), while transformers passes them as Python floats: where two segmentations
+    of a text score the same ('=' * 27 in a small vocabulary), the two then break the tie apart
+    and give other tokens. Rebuilt from Python's floats, the model is transformers' own."""
+    from tokenizers.models import Unigram
+
+    if not isinstance(model, dict) or model.get("type") != "Unigram" or not model.get("vocab"):
+        return
+    backend.model = Unigram([(piece, float(score)) for piece, score in model["vocab"]], model.get("unk_id"),
+                            bool(model.get("byte_fallback", False)))

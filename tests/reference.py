@@ -20,6 +20,15 @@ class Reference:
             out = self.model(input_ids=torch.tensor([input_ids]), output_hidden_states=True)
         return [h[0].numpy() for h in out.hidden_states]
 
+    def hidden_of(self, encoding: dict) -> list[np.ndarray]:
+        """All hidden states of one sequence as `AutoTokenizer` encoded it, every input the
+        tokenizer makes for the model (token_type_ids where it has them): num_layers + 1 of (T, D)."""
+        inputs = {name: torch.tensor([encoding[name]]) for name in self.tokenizer.model_input_names
+                  if name in encoding}
+        with torch.no_grad():
+            out = self.model(**inputs, output_hidden_states=True)
+        return [h[0].numpy() for h in out.hidden_states]
+
     def encode(self, text: str, max_length: int) -> list[int]:
         return self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
 

@@ -131,14 +131,15 @@ def test_tokenizer_json_that_is_not_a_tokenizer(folder, content, why):
     write(folder / "tokenizer.json", content((folder / "tokenizer.json").read_bytes()))
     expected = rf"^cannot load the tokenizer of {re.escape(str(folder))}: tokenizer\.json is not valid \(.*({why})"
     message = refused(TextTokenizer, str(folder), 128, match=expected)
-    info = resolve(folder)  # the driver's check says the same, before any worker starts
-    assert refused(check_model_folder, info, match="tokenizer.json") == message
+    assert refused(resolve, folder, match="tokenizer.json") == message  # the driver says it, before any worker starts
 
 
 def test_tokenizer_json_that_loads_but_cannot_encode(folder):
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     tokenizer["post_processor"]["single"][0] = {"SpecialToken": {"id": "[NOPE]", "type_id": 0}}
     write(folder / "tokenizer.json", json.dumps(tokenizer))  # Rust panics on encode: no such special token
+    # the generic class keeps tokenizer.json's post-processor (BertTokenizer would build its own)
+    edit_json(folder / "tokenizer_config.json", tokenizer_class="TokenizersBackend")
     refused(check_model_folder, resolve(folder), match=rf"tokenizer of {re.escape(str(folder))}: PanicException: ")
 
 
@@ -170,9 +171,8 @@ def test_folder_with_only_vocab_txt_still_gets_its_tokenizer(folder):
     ({"hidden_act": 7}, r"config\.json: .*hidden_act"),
 ])
 def test_config_json_transformers_cannot_read(folder, fields, why):
-    edit_json(folder / "config.json", **fields)
-    info = resolve(folder)  # the sizes strata reads are fine
-    refused(lambda i: check_model_folder(i, with_transformers=True), info, match=rf"transformers cannot read .*{why}")
+    edit_json(folder / "config.json", **fields)  # the sizes strata reads itself are fine
+    refused(resolve, folder, match=rf"transformers cannot read .*{why}")  # the run's driver asks transformers too
 
 
 def test_tokenizer_of_another_model(folder):
