@@ -69,7 +69,8 @@ def validate(config: str = typer.Argument(..., help="YAML config file"), overrid
     rows, bad = count_shards(plan)  # validate reads every shard once; a run never counts
     out.print(to_yaml(cfg), end="", markup=False, highlight=False)
     kept = "".join(f"; kept {f.name}: {f.type}" for f in plan.keep_schema or [])
-    summary = (f"model {plan.model.name} ({plan.model.num_layers} layers, hidden {plan.model.hidden_size}, "
+    summary = (f"model {plan.model.name} ({plan.model.model_class}, {plan.model.num_layers} layers, hidden "
+               f"{plan.model.hidden_size}, "
                f"max_length {plan.model.max_length}); {count_of(plan.work.num_rows, 'shard')}, {rows:,} rows; outputs "
                + describe_outputs(plan.outputs, cfg, plan.model) + kept)
     if bad:

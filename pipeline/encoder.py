@@ -13,6 +13,7 @@ module (and torch).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -130,11 +131,18 @@ class Encoder(nn.Module):
 
 class LayerTap:
     """Forward hooks that keep what each given layer module returns, in call order (a shared
-    layer, as ALBERT's, once per call)."""
+    layer, as ALBERT's, once per call). Per thread: a replica runs two fragments at once."""
 
     def __init__(self, layers: list[nn.Module]):
-        self.outputs: list[torch.Tensor] = []
+        self._local = threading.local()
         self.handles = [layer.register_forward_hook(self._keep) for layer in layers]
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        """What the layers returned in this thread's forward passes since the last clear()."""
+        if not hasattr(self._local, "outputs"):
+            self._local.outputs = []
+        return self._local.outputs
 
     def _keep(self, module, args, output) -> None:
         self.outputs.append(output[0] if isinstance(output, (tuple, list)) else output)

@@ -11,6 +11,7 @@ records; documents only ever live inside the Ray stages.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -161,7 +162,9 @@ def run_record(plan: Plan) -> dict:
         "fingerprint": plan.fingerprint,
         "identity": plan.identity,
         "config": redacted(plan.config),
-        "model": asdict(plan.model),
+        # the tokenizer parts AutoTokenizer builds otherwise, by name: their JSON may be megabytes
+        "model": {**asdict(plan.model), "tokenizer_overrides": sorted(json.loads(plan.model.tokenizer_overrides))
+                  if plan.model.tokenizer_overrides else None},
         "outputs": {o.name: {"layers": list(o.layers), "shape": list(o.vector_shape(hidden)),
                              "per": _unit(o, plan.config)} for o in plan.outputs},
         "plan": {"version": plan.version, "kind": plan.kind, "fragments": None, "rows": None,

@@ -433,3 +433,25 @@ def test_a_modernbert_run_at_8192_tokens_with_sliding_windows(ray_cluster, tmp_p
         np.testing.assert_allclose(got["long"][n], np.mean(tokens, axis=0), atol=ATOL)
     short = reference.hidden_of(reference.tokenizer("A short one."))
     np.testing.assert_allclose(got["short"], np.stack([short[2].mean(0), short[4].mean(0)]), atol=ATOL)
+
+
+def test_a_cut_encoder_gives_each_thread_its_own_deepest_layer():
+    """A replica on a device runs two fragments at once, in two threads: the deepest layer each
+    forward pass takes from the layer's own output is that pass's, never the other thread's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.encoder import Encoder
+
+    info = resolve_model(ModelConfig(name_or_path=str(folder_of("roberta-prelayernorm"))))
+    encoder = Encoder(info, 2, torch.float32, torch.device("cpu"))
+    assert encoder.tap is not None
+    batches = [torch.randint(5, 500, (8, n)) for n in (40, 24)]
+    alone = [encoder(ids, torch.ones_like(ids))[-1] for ids in batches]
+
+    def deepest(k: int) -> torch.Tensor:
+        ids = batches[k % 2]
+        return encoder(ids, torch.ones_like(ids))[-1]
+
+    with ThreadPoolExecutor(2) as pool:
+        for k, got in enumerate(pool.map(deepest, range(40))):
+            assert torch.equal(got, alone[k % 2])

@@ -80,6 +80,7 @@ def test_validate_prints_the_resolved_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "fragment_docs: 100" in result.stdout and "token_budget: 16384" in result.stdout
     assert "2 shards, 300 rows;" in result.stderr
+    assert "model default (BertModel, 6 layers, hidden 384, max_length 256)" in result.stderr
 
 
 def test_run_then_status(tmp_path):
