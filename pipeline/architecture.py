@@ -28,8 +28,9 @@ from pathlib import Path
 from pipeline.errors import ModelError, described, escaped
 from pipeline.tokenize import MODEL_AS_TOKENIZERS_READS_IT, load_backend
 
-INSPECTION_VERSION = 1  # bump when what `_inspect` reports changes: cached answers are then ignored
+INSPECTION_VERSION = 3  # bump when what `_inspect` reports changes: cached answers are then ignored
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
+DOCUMENTATION = (".md", ".rst", ".png", ".jpg", ".gitattributes")
 TOKENIZER_PARTS = ("added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder", "model")
 SUPPORTED = ("BERT-family encoders: BERT, DistilBERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, ALBERT, MPNet, "
              "DeBERTa(-v2/v3), ModernBERT, EuroBERT, NomicBERT, GTE, ... (README: Supported models)")
@@ -98,18 +99,31 @@ def _answer_in_child(folder: Path, trust_remote_code: bool) -> dict:
         raise ModelError(f"cannot inspect the model folder {folder}: {escaped(cause)[:300]}") from None
 
 
+def model_files_sha256(folder: Path, tokenizer_overrides: str | None = None) -> str:
+    """sha256 of what shapes a model's vectors besides its weights: every file of the folder but
+    the weights and the documentation (config.json, the tokenizer's files, custom code, ...),
+    and the tokenizer parts AutoTokenizer builds otherwise (they change with transformers).
+    Raises OSError when a file cannot be read."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if path.is_file() and not name.startswith(".") and not name.endswith(WEIGHT_SUFFIXES + DOCUMENTATION) \
+                and not name.upper().startswith("LICENSE"):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    digest.update(b"\0" + (tokenizer_overrides or "").encode())
+    return digest.hexdigest()
+
+
 def _cache_file(folder: Path, trust_remote_code: bool) -> Path | None:
     """Where the answer for this folder's content is kept; None when the folder cannot be read
     (the inspection then says why)."""
-    digest = hashlib.sha256(f"{INSPECTION_VERSION}\0{_transformers_version()}\0{trust_remote_code}".encode())
     try:
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
-                digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        files = model_files_sha256(folder)
     except OSError:
         return None
+    key = hashlib.sha256(f"{INSPECTION_VERSION}\0{_transformers_version()}\0{trust_remote_code}\0{files}".encode())
     root = Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
-    return root / "architectures" / f"{digest.hexdigest()[:24]}.json"
+    return root / "architectures" / f"{key.hexdigest()[:24]}.json"
 
 
 def _transformers_version() -> str:
@@ -152,13 +166,15 @@ def _inspect(folder: Path, trust_remote_code: bool) -> Architecture:
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - unknown model_type, a field of the wrong type, ...
-        raise ModelError(f"transformers cannot read {folder / 'config.json'}: {described(exc)}") from None
+        unknown = f"; strata embeds {SUPPORTED}" if model_type not in CONFIG_MAPPING_NAMES else ""
+        raise ModelError(f"transformers cannot read {folder / 'config.json'}: {described(exc)}{unknown}") from None
     what = f"{folder} holds a {config.model_type} model"
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{what}, an encoder–decoder; strata embeds {SUPPORTED}")
     if not custom and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        kind = "a decoder-only language model" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else \
-            "not a text encoder"
+        kind = "which transformers knows as a causal (decoder) language model, not as a masked-language-model " \
+            "encoder" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else \
+            "which transformers does not know as a masked-language-model encoder"
         raise ModelError(f"{what}, {kind}; strata embeds {SUPPORTED}")
     try:
         with torch.device("meta"):
@@ -240,21 +256,25 @@ def find_layers(model, num_layers: int):
 def position_limit(model, config) -> tuple[int | None, str]:
     """The most tokens a sequence may hold: max_position_embeddings, less the positions a
     padding_idx-based table reserves (RoBERTa and its kin: ids start at padding_idx + 1).
-    Absolute tables are found by size; models with rotary or relative positions keep
+    Absolute tables are found by size (any module whose 2-D weight has max_position_embeddings
+    rows: nn.Embedding, I-BERT's QuantEmbedding); models with rotary or relative positions keep
     max_position_embeddings, the length they were trained for."""
-    from torch import nn
-
     positions = getattr(config, "max_position_embeddings", None)
     if not isinstance(positions, int) or positions < 1:
         return None, "config.json sets no max_position_embeddings"
-    tables = [(name, m) for name, m in model.named_modules()
-              if isinstance(m, nn.Embedding) and m.num_embeddings == positions]
+    tables = [(name, m) for name, m in model.named_modules() if _rows(m) == positions]
     tables.sort(key=lambda item: "position" not in item[0])  # a table named for positions first
-    if tables and tables[0][1].padding_idx is not None:
-        reserved = tables[0][1].padding_idx + 1
+    padding = getattr(tables[0][1], "padding_idx", None) if tables else None
+    if isinstance(padding, int) and padding >= 0:
+        reserved = padding + 1
         return positions - reserved, (f"max_position_embeddings {positions} less the {reserved} positions its "
                                       f"position table reserves for padding (padding_idx {reserved - 1})")
     return positions, f"max_position_embeddings {positions}"
+
+
+def _rows(module) -> int | None:
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
 
 
 def accepts(model, name: str) -> bool:

@@ -25,10 +25,13 @@ def pass_overhead_tokens(device_type: str, token_budget: int) -> int:
     return CPU_PASS_OVERHEAD_TOKENS if device_type == "cpu" else token_budget
 
 
-def pack_micro_batches(lengths: np.ndarray, token_budget: int, overhead_tokens: int | None = None) -> list[np.ndarray]:
+def pack_micro_batches(lengths: np.ndarray, token_budget: int, overhead_tokens: int | None = None,
+                       equal_lengths: bool = False) -> list[np.ndarray]:
     """Window indices per micro-batch; each batch's count × max length ≤ budget (≥ 1 window).
 
     overhead_tokens: the cost of one forward pass beyond its tokens; None = the budget (full runs).
+    equal_lengths: every micro-batch holds windows of one length (no padding at all), for models
+    whose vectors change with padding.
     """
     overhead = token_budget if overhead_tokens is None else overhead_tokens
     order = np.argsort(-np.asarray(lengths), kind="stable")
@@ -37,6 +40,8 @@ def pack_micro_batches(lengths: np.ndarray, token_budget: int, overhead_tokens: 
     while start < len(order):
         longest = max(int(sorted_lengths[start]), 1)
         most = max(1, min(token_budget // longest, len(order) - start))
+        if equal_lengths:
+            most = min(most, int(np.searchsorted(-sorted_lengths, -longest, side="right")) - start)
         real = np.cumsum(sorted_lengths[start : start + most])  # real tokens of runs of 1..most windows
         cost = np.arange(1, most + 1) * longest + overhead
         efficiency = real / cost

@@ -72,7 +72,8 @@ class Embedder:
         overhead = self.settings.device_options.pass_overhead
         if overhead is None:
             overhead = pass_overhead_tokens(self.device.type, self.settings.token_budget)
-        todo = pack_micro_batches(windows.lengths, self.settings.token_budget, overhead)[::-1]
+        equal = getattr(self.encoder, "needs_equal_lengths", False)
+        todo = pack_micro_batches(windows.lengths, self.settings.token_budget, overhead, equal)[::-1]
         done, failed = [], {}
         while todo:  # a stack: a micro-batch that runs out of memory is split in halves and retried
             batch = todo.pop()

@@ -20,11 +20,15 @@ import torch
 from torch import nn
 
 from pipeline.architecture import SUPPORTED, accepts, find_layers
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, described
 from pipeline.model import ModelInfo, weights_file
 from pipeline.spec import DeviceOptions
 
-PROBE_TOKENS = 12  # a probe sequence: long enough for local attention windows and relative positions to matter
+# a probe sequence: long enough for local attention windows and relative positions to matter, and a
+# prime, so a model that can only split sequences into chunks of some size shows it at once (Reformer)
+PROBE_TOKENS = 13
+PADDING_PROBE = 4  # masked positions after the probe when checking that padding stays out
+PRIME_LENGTH = 97  # a longer probe, past the chunk sizes of chunked attention, that no chunk size divides
 CUT_TOLERANCE = 1e-3  # relative to the largest hidden value: a misplaced norm is off by far more
 
 
@@ -63,13 +67,19 @@ class Encoder(nn.Module):
         num_layers = loaded.config.num_hidden_layers
         if depth > num_layers:
             raise ModelError(f"asked for layer {depth} but {path} has {num_layers} layers")
-        if getattr(loaded, "pooler", None) is not None:
-            loaded.pooler = None
+        if getattr(loaded, "pooler", None) is not None:  # never read; some models call it whatever it is
+            loaded.pooler = nn.Identity()
         self.model = loaded.to(device).eval()
         self.token_type_ids = model.token_type_ids and accepts(loaded, "token_type_ids")
         self.depth = depth
         self.tap: LayerTap | None = None
-        self._cut(path, num_layers, max(depth, 1))  # one layer at least: hidden state 0 is its input
+        self.what = f"{path}: {type(loaded).__name__}"
+        probe = _probe(loaded.config, device)
+        whole = self._check_whole(probe, num_layers)
+        # micro-batches of one length only, where padding changes a document's vectors
+        self.needs_equal_lengths = _padding_leaks(self, probe)
+        self._cut(probe, whole, num_layers, max(depth, 1))  # one layer at least: hidden state 0 is its input
+        self._check_length(model.max_length)
         if options.compile:  # shapes change with every micro-batch: compiled for dynamic shapes
             self.model = torch.compile(self.model, mode=options.compile, dynamic=True)
 
@@ -86,20 +96,34 @@ class Encoder(nn.Module):
             hidden_states = hidden_states[:-1] + (self.tap.outputs[-1],)
         return hidden_states[: self.depth + 1]
 
-    def _cut(self, path: str, num_layers: int, depth: int) -> None:
-        """Drop the layers past `depth`, after checking on a probe that hidden states 0..depth stay
-        those of the uncut model; where they would not, the model runs whole."""
-        probe = _probe(self.model.config, next(self.model.parameters()).device)
+    def _check_whole(self, probe: torch.Tensor, num_layers: int) -> tuple[torch.Tensor, ...]:
+        """The uncut model's hidden states of the probe, once it is clear that strata can embed
+        with it: it runs, it does not change itself while it runs (BigBird switches its attention
+        for good after a short sequence), it numbers its hidden states by layer, and it is not a
+        decoder (custom code can bring one past the driver's checks)."""
+        before = _settings(self.model)
         whole = self._run(probe)
-        name = type(self.model).__name__
+        changed = sorted(set(_settings(self.model).items()) - set(before.items()))
+        if changed:
+            name, value = changed[0]
+            raise ModelError(f"{self.what} changes itself as it runs ({name} became {value!r} after a sequence of "
+                             f"{probe.shape[1]} tokens): its vectors would depend on the documents before them, "
+                             "so strata cannot embed with it")
+        self._check_positions(probe, whole)
         if len(whole) != num_layers + 1:
-            raise ModelError(f"{path}: {name} returns {len(whole)} hidden states for {num_layers} layers; strata "
-                             f"embeds {SUPPORTED}")
-        if _causal(self, probe, whole[-1]):
-            raise ModelError(f"{path}: {name} attends only to earlier tokens (a decoder); strata embeds {SUPPORTED}")
-        if depth == num_layers:
-            return
-        found = find_layers(self.model, num_layers)
+            raise ModelError(f"{self.what} returns {len(whole)} hidden states for the {num_layers} layers config.json "
+                             "names (num_hidden_layers): strata cannot tell which hidden state is which layer")
+        changed_last = probe.clone()
+        changed_last[0, -1] = probe[0, 0] if probe[0, -1] != probe[0, 0] else probe[0, 1]
+        if torch.equal(self._run(changed_last)[-1][:, :-1], whole[-1][:, :-1]):
+            raise ModelError(f"{self.what} attends only to earlier tokens: no earlier token's hidden state changes "
+                             f"when the last token does (a decoder's causal attention); strata embeds {SUPPORTED}")
+        return whole
+
+    def _cut(self, probe: torch.Tensor, whole: tuple[torch.Tensor, ...], num_layers: int, depth: int) -> None:
+        """Drop the layers past `depth`, after checking on the probe that hidden states 0..depth
+        stay those of the uncut model; where they would not, the model runs whole."""
+        found = find_layers(self.model, num_layers) if depth < num_layers else None
         if found is None:
             return
         holder, layers = found
@@ -120,13 +144,48 @@ class Encoder(nn.Module):
                 holder.extend(removed)
             self.model.config.num_hidden_layers = num_layers
 
+    def _check_length(self, max_length: int) -> None:
+        """Sequences of max_length tokens run, and one of a prime length in between gives a vector
+        per token: a limit the driver could not see in the model's position table, or a model that
+        pads inside to a multiple of a chunk (Reformer), ends here in one line, before any fragment."""
+        device = next(self.model.parameters()).device
+        for length in sorted({_prime_at_most(min(PRIME_LENGTH, max_length)), max_length} - {PROBE_TOKENS}):
+            probe = _probe(self.model.config, device, length)
+            try:
+                hidden_states = self._run(probe)
+            except ProbeFailed as exc:
+                raise ModelError(f"{self.what} cannot run a sequence of {length} tokens ({exc.cause}), which "
+                                 f"model.max_length {max_length} allows; set a smaller model.max_length") from None
+            self._check_positions(probe, hidden_states)
+
+    def _check_positions(self, probe: torch.Tensor, hidden_states: tuple[torch.Tensor, ...]) -> None:
+        lengths = sorted({int(h.shape[1]) for h in hidden_states})
+        if lengths != [probe.shape[1]]:
+            raise ModelError(f"{self.what} returns hidden states of {lengths[-1]} positions for a sequence of "
+                             f"{probe.shape[1]} tokens (it pads inside): strata cannot tell which vector is which "
+                             "token")
+
     @torch.inference_mode()
-    def _run(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """All hidden states of a probe; a model that cannot run it is refused in one line."""
         saved, self.depth = self.depth, 10 ** 9
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         try:
-            return self.forward(input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids))
+            return self.forward(input_ids, mask, torch.zeros_like(input_ids))
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the model's code raises, one line
+            raise ProbeFailed(self.what, input_ids.shape[1], described(exc)) from None
         finally:
             self.depth = saved
+
+
+class ProbeFailed(ModelError):
+    """The model cannot run a probe sequence: `cause` is what it raised, as one line."""
+
+    def __init__(self, what: str, tokens: int, cause: str):
+        super().__init__(f"{what} cannot run a sequence of {tokens} tokens ({cause}); strata embeds {SUPPORTED}")
+        self.cause = cause
 
 
 class LayerTap:
@@ -152,21 +211,41 @@ class LayerTap:
             handle.remove()
 
 
-def _probe(config, device: torch.device) -> torch.Tensor:
-    """(1, PROBE_TOKENS) ids spread over the vocabulary, none of them the padding id (RoBERTa-style
-    positions skip padding)."""
+def _probe(config, device: torch.device, length: int = 0) -> torch.Tensor:
+    """(1, length or PROBE_TOKENS) ids spread over the vocabulary, none of them the padding id
+    (RoBERTa-style positions skip padding)."""
     vocab = int(getattr(config, "vocab_size", 0) or 100)
     pad = getattr(config, "pad_token_id", None)
-    ids = [(37 * k + 11) % vocab for k in range(PROBE_TOKENS)]
+    ids = [(37 * k + 11) % vocab for k in range(length or PROBE_TOKENS)]
     ids = [(i + 1) % vocab if i == pad else i for i in ids]
     return torch.tensor([ids], device=device)
 
 
-def _causal(encoder: Encoder, probe: torch.Tensor, last: torch.Tensor) -> bool:
-    """A decoder's first token cannot see the last one: change the last token and look."""
-    changed = probe.clone()
-    changed[0, -1] = probe[0, 0] if probe[0, -1] != probe[0, 0] else probe[0, 1]
-    return torch.equal(encoder._run(changed)[-1][0, 0], last[0, 0])
+def _padding_leaks(encoder: Encoder, probe: torch.Tensor) -> bool:
+    """Whether what stands in padded positions reaches the real ones (a convolution or a Fourier
+    transform across the sequence: ConvBERT, FNet, YOSO): the probe followed by masked positions
+    holding the padding id, or other ids, must give bitwise the same hidden states (same shapes,
+    same kernels: no tolerance needed)."""
+    config, (_, n) = encoder.model.config, probe.shape
+    pad = int(getattr(config, "pad_token_id", None) or 0)
+    padded = torch.cat([probe, torch.full((1, PADDING_PROBE), pad, device=probe.device)], dim=1)
+    other = padded.clone()
+    other[0, n:] = probe[0, :PADDING_PROBE]
+    mask = torch.ones_like(padded)
+    mask[0, n:] = 0
+    first, second = encoder._run(padded, mask), encoder._run(other, mask)
+    return not all(torch.equal(a[:, :n], b[:, :n]) for a, b in zip(first, second))
+
+
+def _prime_at_most(n: int) -> int:
+    return next(k for k in range(n, 1, -1) if all(k % d for d in range(2, int(k ** 0.5) + 1))) if n > 2 else n
+
+
+def _settings(model: nn.Module) -> dict[str, object]:
+    """The public plain-valued attributes of every module of the model ("encoder.attention_type")."""
+    return {f"{name}.{key}".lstrip("."): value for name, module in model.named_modules()
+            for key, value in vars(module).items()
+            if not key.startswith("_") and key != "training" and isinstance(value, (str, int, float, bool))}
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.architecture import Architecture, inspect_architecture
+from pipeline.architecture import Architecture, inspect_architecture, model_files_sha256
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.errors import ConfigError, ModelError, StrataError, described, one_line
 from pipeline.storage import open_fs
@@ -43,6 +43,8 @@ class ModelInfo:
     max_length: int
     weights_sha256: str
     model_class: str = ""  # transformers' class for the folder ("BertModel")
+    files_sha256: str = ""  # config, tokenizer and code files, and the tokenizer AutoTokenizer builds
+
     trust_remote_code: bool = False  # the folder's own Python builds the model (model.trust_remote_code)
     token_type_ids: bool = False  # the tokenizer makes token_type_ids and the model takes them
     tokenizer_overrides: str | None = None  # see architecture.tokenizer_overrides
@@ -137,8 +139,12 @@ def resolve_model(cfg: ModelConfig, storage: StorageConfig | None = None) -> Mod
         )
     else:
         max_length = cfg.max_length
+    try:
+        files = model_files_sha256(folder, arch.tokenizer_overrides)
+    except OSError as exc:
+        raise ModelError(f"cannot read the model folder {folder}: {one_line(exc)}") from None
     return ModelInfo(cfg.name_or_path, str(folder), arch.num_layers, hidden, max_length, _weights_sha256(folder),
-                     arch.model_class, arch.custom_code, arch.token_type_ids, arch.tokenizer_overrides)
+                     arch.model_class, files, arch.custom_code, arch.token_type_ids, arch.tokenizer_overrides)
 
 
 def _folder_limits(folder: Path) -> dict[Path, int | None]:

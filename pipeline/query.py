@@ -38,6 +38,12 @@ def checked_model(identity: dict, storage: StorageConfig | None = None) -> Model
             f"the model at {model.name!r} is not the one that made these vectors (weights sha256 "
             f"{model.weights_sha256[:12]}…, recorded {identity['model_weights_sha256'][:12]}…); "
             "put the original weights there, or embed the corpus again")
+    recorded = identity.get("model_files_sha256")
+    if recorded and model.files_sha256 != recorded:
+        raise ModelError(
+            f"the model at {model.name!r} is not the one that made these vectors: its config, tokenizer or code "
+            f"files differ (sha256 {model.files_sha256[:12]}…, recorded {recorded[:12]}…); put the original files "
+            "there, or embed the corpus again")
     return model
 
 

@@ -61,6 +61,7 @@ class Plan:
     carried_shards: dict[str, str] = field(default_factory=dict)  # source -> version of the unchanged shards
     changes: dict[str, int] | None = None  # added/changed/unchanged/deleted of the diffed shards (incremental)
     keep_schema: pa.Schema | None = None  # the output's type of each kept field, fixed for the life of the output
+    weights_only: bool = False  # the output was made before its identity held the model's files (see identity)
 
     @property
     def salt(self) -> str:
@@ -69,8 +70,13 @@ class Plan:
 
     @property
     def identity(self) -> dict:
-        """What a resumed run must share with the output's earlier runs: settings and weights."""
-        return {**self.config.identity(), "model_weights_sha256": self.model.weights_sha256}
+        """What a resumed run must share with the output's earlier runs: settings, weights, and the
+        model folder's other files (config, tokenizer, code: `ModelInfo.files_sha256`), except
+        for an output made before strata recorded those, which keeps comparing the weights only."""
+        identity = {**self.config.identity(), "model_weights_sha256": self.model.weights_sha256}
+        if not self.weights_only:
+            identity["model_files_sha256"] = self.model.files_sha256
+        return identity
 
     @property
     def fingerprint(self) -> str:
@@ -237,6 +243,8 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     listing = shard_table(config.input, config.storage, skipped=skipped)
     plan = Plan(config, *resolved, listing, [], skipped)
     previous_run = manifest.read_run()
+    recorded = current.identity if current and current.identity else (previous_run or {}).get("identity")
+    plan.weights_only = bool(recorded) and "model_files_sha256" not in recorded
     plan.keep_schema = _keep_schema(plan, previous_run)
     if config.run.mode == "once":
         manifest.check_settings(run_record(plan), previous_run)

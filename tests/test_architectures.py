@@ -142,7 +142,9 @@ def test_every_output_equals_the_uncut_model_of_transformers(arch):
     assert len(windows.lengths) == len(documents)
     assert [list(ids) for ids in np.split(windows.ids, np.cumsum(windows.lengths)[:-1])] == \
         [e["input_ids"] for e in encodings]  # AutoTokenizer's tokens, to the last one
-    assert embedder.encoder.tap is not None  # early exit really happened
+    tiny = next(a for a in ARCHITECTURES if a.name == arch)
+    assert (embedder.encoder.tap is not None) == tiny.early_exit  # early exit really happened where it can
+    assert embedder.encoder.needs_equal_lengths == tiny.leaks_padding  # padded micro-batches wherever they are exact
     worst = 0.0
     for spec in cut_specs():
         for row, (h, e) in enumerate(zip(hidden, encodings)):
@@ -315,9 +317,12 @@ def one_line_refusal(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("model_type, kind", [("gpt2", "a decoder-only language model"),
-                                              ("llama", "a decoder-only language model"),
-                                              ("t5", "an encoder–decoder")])
+DECODER = "which transformers knows as a causal (decoder) language model, not as a masked-language-model encoder"
+
+
+@pytest.mark.parametrize("model_type, kind", [("gpt2", DECODER), ("llama", DECODER), ("t5", "an encoder–decoder"),
+                                              ("vit", "which transformers does not know as a masked-language-model "
+                                                      "encoder")])
 def test_decoders_and_encoder_decoders_are_refused_saying_what_strata_embeds(tmp_path, model_type, kind):
     line = one_line_refusal(validate(refused_folder(tmp_path, model_type), tmp_path))
     assert f"holds a {model_type} model, {kind}; strata embeds BERT-family encoders" in line
@@ -455,3 +460,69 @@ def test_a_cut_encoder_gives_each_thread_its_own_deepest_layer():
     with ThreadPoolExecutor(2) as pool:
         for k, got in enumerate(pool.map(deepest, range(40))):
             assert torch.equal(got, alone[k % 2])
+
+
+# --- models whose vectors strata cannot make equal to transformers': refused as a replica loads
+# (and so by `strata validate`, which loads the weights as a replica does), never mid-run ---
+
+SHORT_POSITIONS = '''
+from torch import nn
+from transformers import BertConfig, BertModel
+
+
+class ShortConfig(BertConfig):
+    model_type = "short-positions-bert"
+
+
+class ShortModel(BertModel):
+    config_class = ShortConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        # fewer positions than config.json says: the driver cannot see it in the position table
+        self.embeddings.position_embeddings = nn.Embedding(config.max_position_embeddings // 2, config.hidden_size)
+'''
+
+
+def custom_short_positions(folder: Path) -> Path:
+    from transformers import AutoConfig, AutoModel
+
+    bert = folder_of("bert")
+    for path in bert.iterdir():
+        if path.suffix != ".safetensors":
+            (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "short.py").write_text(SHORT_POSITIONS)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="short-positions-bert", architectures=["ShortModel"],
+                  auto_map={"AutoConfig": "short.ShortConfig", "AutoModel": "short.ShortModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    model = AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True), trust_remote_code=True)
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))  # save_pretrained rewrites it without auto_map
+    return folder
+
+
+@pytest.mark.parametrize("case, why", [
+    (Tiny("big_bird", "wordpiece", {"attention_type": "block_sparse", "block_size": 4, "num_random_blocks": 2}),
+     r"BigBirdModel changes itself as it runs \(.*attention_type became 'original_full' after a sequence of 13 "
+     r"tokens\): its vectors would depend on the documents before them"),
+    (Tiny("reformer", "albert", {"axial_pos_shape": [8, 8], "axial_pos_embds_dim": [16, 16], "attention_head_size": 8,
+                                 "attn_layers": ["local", "lsh"] * 2, "local_attn_chunk_length": 16,
+                                 "lsh_attn_chunk_length": 16, "feed_forward_size": 64}),
+     r"ReformerModel returns hidden states of 64 positions for a sequence of 61 tokens \(it pads inside\)"),
+    (Tiny("albert", "albert", {"inner_group_num": 2}),
+     r"AlbertModel returns 9 hidden states for the 4 layers config.json names \(num_hidden_layers\)"),
+    ("short positions", r"ShortModel cannot run a sequence of 61 tokens \(IndexError: index out of range in "
+                        r"self\), which model.max_length 64 allows; set a smaller model.max_length"),
+], ids=["bigbird-block-sparse", "reformer", "albert-inner-groups", "fewer-positions-than-config"])
+def test_what_cannot_equal_transformers_is_refused_as_the_replica_loads(tmp_path, case, why):
+    from pipeline.model import check_weights_load
+
+    if isinstance(case, Tiny):
+        folder, trust = build(case, tmp_path / "model"), False
+    else:
+        folder, trust = custom_short_positions(tmp_path), True
+    info = resolve_model(ModelConfig(name_or_path=str(folder), trust_remote_code=trust))
+    with pytest.raises(ModelError, match=why) as refused:
+        check_weights_load(info)  # what `strata validate` and every replica do first
+    assert "\n" not in str(refused.value)

@@ -213,3 +213,52 @@ def test_changed_settings_re_embed_into_a_new_version_and_gc_keeps_the_newest(ra
         shards["s0.jsonl"][0]["text"] += "!"
         write_shards(corpus, {"s0.jsonl": shards["s0.jsonl"][:8]})
         run(config(corpus, out, outputs=normalized, run={"mode": "once"}))
+
+
+def test_a_model_folder_whose_config_or_tokenizer_changed_is_embedded_again(ray_cluster, tmp_path):
+    """The weights are not all of a model: config.json (an activation), the tokenizer's files and
+    the folder's code change every vector too. An incremental run re-embeds everything, a once
+    run refuses the output, as for any other changed setting."""
+    from pipeline.errors import OutputError
+    from pipeline.model import default_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    shards = make_corpus(corpus)
+    write_shards(corpus, {name: docs[:4] for name, docs in shards.items()})  # 20 documents
+    cfg = config(corpus, out, model={"name_or_path": str(model), "max_length": 64})
+    quiet_run(cfg)
+    before = snapshot_table(out)
+
+    settings = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "hidden_act": "relu"}))  # same weights
+    summary, log = quiet_run(cfg)
+    assert (summary["version"], summary["docs_this_run"]) == (2, 20)
+    assert "embedding every document again: the settings changed: model_files_sha256: " in log
+    after = by_id(snapshot_table(out))
+    assert all(np.abs(after[doc][2] - vector).max() > 1e-3 for doc, (_, _, vector) in by_id(before).items())
+
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(OutputError, match=r"holds a run made with different settings \(model_files_sha256: "):
+        run(config(corpus, out, model={"name_or_path": str(model), "max_length": 64}, run={"mode": "once"}),
+            console=Console(file=io.StringIO()))
+
+
+def test_an_output_made_before_strata_recorded_the_model_files_keeps_its_versions(ray_cluster, tmp_path,
+                                                                                   monkeypatch):
+    from pipeline import runner
+
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    shards = make_corpus(corpus)
+    write_shards(corpus, {name: docs[:4] for name, docs in shards.items()})
+    identity = runner.Plan.identity.fget
+    with monkeypatch.context() as older:  # what an older strata recorded: the weights' sha256 only
+        older.setattr(runner.Plan, "identity", property(
+            lambda plan: {k: v for k, v in identity(plan).items() if k != "model_files_sha256"}))
+        quiet_run(config(corpus, out))
+    assert "model_files_sha256" not in versions.read_snapshot(versions.Location.from_uri(str(out))).identity
+    summary, log = quiet_run(config(corpus, out))
+    assert summary["version"] == 1 and "no shard changed since it was published; nothing to do" in log
