@@ -15,6 +15,8 @@
 #   3. compile    the stage with torch.compile, alone: its compile time must not cost part 2 (60)
 #   4. feed       strata bench --device sim: host CPU-s per million tokens by step on the node's
 #                 16 cores (no Ray there: whole runs and busy shares are measured here)       (90)
+#   5. loadcheck  a replica's load-time probes on the device in bf16 and fp32: MiniLM must keep
+#                 padded micro-batches (needs_equal_lengths false) and early exit              (30)
 # A dry run here: PY=.venv/bin/python DEVICE=cpu DOCS=200 SKIP_INSTALL=1 bash bench/gpu-check.sh
 set -uo pipefail
 PY=${PY:-python3}
@@ -58,14 +60,31 @@ timeout 90 $PY -m pipeline.cli bench --corpus .gpu-check/docs-50k.jsonl.gz --doc
     --device sim:4e6 --json "$OUT/bench-feed.json"
 echo "feed rc=$?"
 
+say "5. load-time checks on the device: MiniLM must keep padded micro-batches and early exit"
+timeout 30 $PY - "$OUT" "$DEVICE" <<'EOF'
+import json, pathlib, sys, torch
+from pipeline.config import ModelConfig
+from pipeline.encoder import Encoder, pick_dtype
+from pipeline.model import resolve_model
+info = resolve_model(ModelConfig())
+device = torch.device(sys.argv[2])
+found = {}
+for dtype in ("bfloat16", "float32"):
+    encoder = Encoder(info, 3, pick_dtype(dtype, device), device)
+    found[dtype] = {"needs_equal_lengths": encoder.needs_equal_lengths, "early_exit": encoder.tap is not None}
+print("load checks:", found)  # expected: needs_equal_lengths False and early_exit True for both
+(pathlib.Path(sys.argv[1]) / "bench-loadcheck.json").write_text(json.dumps(found))
+EOF
+echo "loadcheck rc=$?"
+
 say "merge into gpu-check.json"
 $PY - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 merged = {name: json.loads((out / f"bench-{name}.json").read_text())
-          for name in ("cuda", "compile", "feed") if (out / f"bench-{name}.json").is_file()}
+          for name in ("cuda", "compile", "feed", "loadcheck") if (out / f"bench-{name}.json").is_file()}
 (out / "gpu-check.json").write_text(json.dumps(merged, indent=1))
-for name in ("cuda", "compile", "feed"):
+for name in ("cuda", "compile", "feed", "loadcheck"):
     (out / f"bench-{name}.json").unlink(missing_ok=True)
 print("wrote", out / "gpu-check.json", "with", ", ".join(merged) or "nothing")
 EOF

@@ -242,10 +242,11 @@ def _prime_at_most(n: int) -> int:
 
 
 def _settings(model: nn.Module) -> dict[str, object]:
-    """The public plain-valued attributes of every module of the model ("encoder.attention_type")."""
+    """The public string and flag attributes of every module ("encoder.attention_type"): how a
+    module computes. Numbers are left out: caches keep lengths there (rotary embeddings' seen length)."""
     return {f"{name}.{key}".lstrip("."): value for name, module in model.named_modules()
             for key, value in vars(module).items()
-            if not key.startswith("_") and key != "training" and isinstance(value, (str, int, float, bool))}
+            if not key.startswith("_") and key != "training" and isinstance(value, (str, bool))}
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
