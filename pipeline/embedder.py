@@ -73,7 +73,8 @@ class Embedder:
         if overhead is None:
             overhead = pass_overhead_tokens(self.device.type, self.settings.token_budget)
         equal = getattr(self.encoder, "needs_equal_lengths", False)
-        todo = pack_micro_batches(windows.lengths, self.settings.token_budget, overhead, equal)[::-1]
+        budget = 1 if getattr(self.encoder, "needs_one_window", False) else self.settings.token_budget  # one each
+        todo = pack_micro_batches(windows.lengths, budget, overhead, equal)[::-1]
         done, failed = [], {}
         while todo:  # a stack: a micro-batch that runs out of memory is split in halves and retried
             batch = todo.pop()

@@ -28,6 +28,9 @@ from pipeline.spec import DeviceOptions
 # prime, so a model that can only split sequences into chunks of some size shows it at once (Reformer)
 PROBE_TOKENS = 13
 PADDING_PROBE = 4  # masked positions after the probe when checking that padding stays out
+# how far other amounts of padding may move a hidden value, relative to the largest one, before the
+# model counts as padding-dependent: rounding in 16 bits (a bf16 unit in the last place is 2^-8), in fp32
+PADDING_TOLERANCE = {False: 2e-2, True: 1e-4}
 PRIME_LENGTH = 97  # a longer probe, past the chunk sizes of chunked attention, that no chunk size divides
 CUT_TOLERANCE = 1e-3  # relative to the largest hidden value: a misplaced norm is off by far more
 
@@ -76,8 +79,10 @@ class Encoder(nn.Module):
         self.what = f"{path}: {type(loaded).__name__}"
         probe = _probe(loaded.config, device)
         whole = self._check_whole(probe, num_layers)
-        # micro-batches of one length only, where padding changes a document's vectors
-        self.needs_equal_lengths = _padding_leaks(self, probe)
+        # micro-batches of one window, where the other windows of a batch change a window's vectors;
+        # of one length only, where padding does
+        self.needs_one_window = _batch_mates_leak(self, probe)
+        self.needs_equal_lengths = _padding_leaks(self, probe, dtype)
         self._cut(probe, whole, num_layers, max(depth, 1))  # one layer at least: hidden state 0 is its input
         self._check_length(model.max_length)
         if options.compile:  # shapes change with every micro-batch: compiled for dynamic shapes
@@ -104,21 +109,32 @@ class Encoder(nn.Module):
         before = _settings(self.model)
         whole = self._run(probe)
         changed = sorted(set(_settings(self.model).items()) - set(before.items()))
-        if changed:
-            name, value = changed[0]
-            raise ModelError(f"{self.what} changes itself as it runs ({name} became {value!r} after a sequence of "
-                             f"{probe.shape[1]} tokens): its vectors would depend on the documents before them, "
-                             "so strata cannot embed with it")
+        again = None if changed else self._run(probe)
+        if changed or not all(torch.equal(a, b) for a, b in zip(whole, again)):
+            how = f"{changed[0][0]} became {changed[0][1]!r}" if changed else "the same sequence gives other hidden " \
+                                                                             "states the second time"
+            raise ModelError(f"{self.what} changes itself as it runs ({how}, after a sequence of {probe.shape[1]} "
+                             "tokens): its vectors would depend on the documents before them, so strata cannot embed "
+                             "with it")
         self._check_positions(probe, whole)
         if len(whole) != num_layers + 1:
             raise ModelError(f"{self.what} returns {len(whole)} hidden states for the {num_layers} layers config.json "
                              "names (num_hidden_layers): strata cannot tell which hidden state is which layer")
-        changed_last = probe.clone()
-        changed_last[0, -1] = probe[0, 0] if probe[0, -1] != probe[0, 0] else probe[0, 1]
-        if torch.equal(self._run(changed_last)[-1][:, :-1], whole[-1][:, :-1]):
-            raise ModelError(f"{self.what} attends only to earlier tokens: no earlier token's hidden state changes "
-                             f"when the last token does (a decoder's causal attention); strata embeds {SUPPORTED}")
+        self._check_attention(probe, whole[-1])
         return whole
+
+    def _check_attention(self, probe: torch.Tensor, last: torch.Tensor) -> None:
+        """Earlier tokens see later ones (a decoder's do not): with the last token changed, some
+        earlier token's deepest hidden state must change too."""
+        changed = _with_token_changed(probe, -1)
+        if not torch.equal(self._run(changed)[-1][:, :-1], last[:, :-1]):
+            return
+        if torch.equal(self._run(_with_token_changed(probe, 0))[-1][:, 1:], last[:, 1:]):
+            how = "no token's hidden state depends on any other token"
+        else:
+            how = "no earlier token's hidden state changes when the last token does (a decoder's causal attention)"
+        raise ModelError(f"{self.what} is no encoder for a sequence of {probe.shape[1]} tokens: {how}; strata "
+                         f"embeds {SUPPORTED}")
 
     def _cut(self, probe: torch.Tensor, whole: tuple[torch.Tensor, ...], num_layers: int, depth: int) -> None:
         """Drop the layers past `depth`, after checking on the probe that hidden states 0..depth
@@ -157,13 +173,13 @@ class Encoder(nn.Module):
                 raise ModelError(f"{self.what} cannot run a sequence of {length} tokens ({exc.cause}), which "
                                  f"model.max_length {max_length} allows; set a smaller model.max_length") from None
             self._check_positions(probe, hidden_states)
+            self._check_attention(probe, hidden_states[-1])  # a model may turn causal past some length
 
     def _check_positions(self, probe: torch.Tensor, hidden_states: tuple[torch.Tensor, ...]) -> None:
         lengths = sorted({int(h.shape[1]) for h in hidden_states})
         if lengths != [probe.shape[1]]:
             raise ModelError(f"{self.what} returns hidden states of {lengths[-1]} positions for a sequence of "
-                             f"{probe.shape[1]} tokens (it pads inside): strata cannot tell which vector is which "
-                             "token")
+                             f"{probe.shape[1]} tokens: strata cannot tell which vector is which token")
 
     @torch.inference_mode()
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -221,20 +237,45 @@ def _probe(config, device: torch.device, length: int = 0) -> torch.Tensor:
     return torch.tensor([ids], device=device)
 
 
-def _padding_leaks(encoder: Encoder, probe: torch.Tensor) -> bool:
-    """Whether what stands in padded positions reaches the real ones (a convolution or a Fourier
-    transform across the sequence: ConvBERT, FNet, YOSO): the probe followed by masked positions
-    holding the padding id, or other ids, must give bitwise the same hidden states (same shapes,
-    same kernels: no tolerance needed)."""
+def _with_token_changed(probe: torch.Tensor, position: int) -> torch.Tensor:
+    changed = probe.clone()
+    other = position + 1 if position >= 0 else position - 1
+    changed[0, position] = probe[0, other] if probe[0, other] != probe[0, position] else probe[0, other - 1]
+    return changed
+
+
+def _batch_mates_leak(encoder: Encoder, probe: torch.Tensor) -> bool:
+    """Whether a window's hidden states depend on the other windows of its micro-batch: the probe
+    beside two different sequences of its length must give bitwise the same hidden states (same
+    shapes, same kernels: no tolerance needed)."""
+    first = encoder._run(torch.cat([probe, probe.flip(1)]))
+    second = encoder._run(torch.cat([probe, probe.roll(3, dims=1)]))
+    return not all(torch.equal(a[:1], b[:1]) for a, b in zip(first, second))
+
+
+def _padding_leaks(encoder: Encoder, probe: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether padding reaches the real positions: what stands in the masked positions (a
+    convolution or a Fourier transform across the sequence: ConvBERT, FNet, YOSO, MobileBERT's
+    trigram embeddings; compared bitwise, same shapes and kernels), or how many there are (a
+    length-dependent position scaling; other shapes round otherwise, so compared within
+    PADDING_TOLERANCE of the largest value)."""
     config, (_, n) = encoder.model.config, probe.shape
     pad = int(getattr(config, "pad_token_id", None) or 0)
-    padded = torch.cat([probe, torch.full((1, PADDING_PROBE), pad, device=probe.device)], dim=1)
-    other = padded.clone()
-    other[0, n:] = probe[0, :PADDING_PROBE]
-    mask = torch.ones_like(padded)
-    mask[0, n:] = 0
-    first, second = encoder._run(padded, mask), encoder._run(other, mask)
-    return not all(torch.equal(a[:, :n], b[:, :n]) for a, b in zip(first, second))
+
+    def padded(fill: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ids = torch.cat([probe, fill.view(1, -1)], dim=1)
+        mask = torch.ones_like(ids)
+        mask[0, n:] = 0
+        return tuple(h[:, :n] for h in encoder._run(ids, mask))
+
+    pads = torch.full((PADDING_PROBE,), pad, device=probe.device)
+    first, second = padded(pads), padded(probe[0, :PADDING_PROBE])
+    if not all(torch.equal(a, b) for a, b in zip(first, second)):
+        return True
+    longer = padded(pads.repeat(4))
+    tolerance = PADDING_TOLERANCE[dtype == torch.float32]
+    return not all(float((a.float() - b.float()).abs().max()) <= tolerance * max(1.0, float(b.float().abs().max()))
+                   for a, b in zip(longer, first))
 
 
 def _prime_at_most(n: int) -> int:

@@ -121,7 +121,8 @@ class Manifest:
             raise OutputError(
                 f"output {self.location.uri()} holds a run made with different settings "
                 f"({'; '.join(changes) or 'fingerprint ' + str(previous.get('fingerprint'))}); "
-                "use a new output.uri, or delete the old output to start over"
+                "`strata run --incremental` embeds everything again into a new version and keeps the old one; "
+                "or use a new output.uri"
             )
 
     def begin(self, run: dict, previous: dict | None) -> None:

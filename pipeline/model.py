@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.architecture import Architecture, inspect_architecture, model_files_sha256
+from pipeline.architecture import SUPPORTED, Architecture, inspect_architecture, model_files_sha256
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.errors import ConfigError, ModelError, StrataError, described, one_line
 from pipeline.storage import open_fs
@@ -120,7 +120,8 @@ def resolve_model(cfg: ModelConfig, storage: StorageConfig | None = None) -> Mod
     hidden = _integer(config_file, hf_config, "hidden_size", "dim", most=MAX_HIDDEN_SIZE)
     if not num_layers or not hidden:
         inspect_architecture(folder, cfg.trust_remote_code)  # names what the folder holds instead, where it can
-        raise ModelError(f"{config_file} names no num_hidden_layers/hidden_size: not a BERT-style encoder")
+        raise ModelError(f"{config_file} names no num_hidden_layers/hidden_size: not a BERT-style encoder; strata "
+                         f"embeds {SUPPORTED}")
     heads = _integer(config_file, hf_config, "num_attention_heads", "n_heads")
     if heads and hidden % heads:  # the replica could not split hidden_size into heads: it would crash
         raise ModelError(f"{config_file}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
@@ -311,15 +312,43 @@ def _load_reports() -> Iterator[list]:
 
 
 def weights_file(folder: Path) -> Path:
-    """The file a replica loads the weights from: transformers prefers safetensors, as here."""
+    """The file a replica loads the weights from, as transformers picks it: safetensors first,
+    whole or split into shards listed by an index (`model.safetensors.index.json`)."""
     for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise ModelError(f"no weights ({' or '.join(WEIGHT_FILES)}) in model folder {folder}")
+        for candidate in (folder / name, folder / f"{name}.index.json"):
+            if candidate.is_file():
+                return candidate
+    raise ModelError(f"no weights ({' or '.join(WEIGHT_FILES)}, or their .index.json shards) in model folder "
+                     f"{folder}")
+
+
+def weights_files(folder: Path) -> list[Path]:
+    """Every file of the weights: the one file, or an index and the shards it lists (sorted)."""
+    path = weights_file(folder)
+    if not path.name.endswith(".index.json"):
+        return [path]
+    index = _json_object(path)
+    shards = index.get("weight_map")
+    if not isinstance(shards, dict) or not shards or not all(isinstance(v, str) for v in shards.values()):
+        raise ModelError(f"{path} lists no shards (weight_map)")
+    files = [folder / name for name in sorted(set(shards.values()))]
+    absent = [file.name for file in files if not file.is_file() or file.parent != folder]
+    if absent:
+        raise ModelError(f"{path} lists {len(absent)} shard(s) the folder lacks ({absent[0]}, ...)")
+    return [path, *files]
 
 
 def _weights_sha256(folder: Path) -> str:
-    path = weights_file(folder)
+    """sha256 of the weights: of the one file's bytes (as before shards were read), else of each
+    file's name and sha256 in order."""
+    files = weights_files(folder)
+    sums = [_file_sha256(file) for file in files]
+    if len(files) == 1:
+        return sums[0]
+    return hashlib.sha256("".join(f"{file.name}\0{sha}\n" for file, sha in zip(files, sums)).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     try:
         with path.open("rb") as f:

@@ -504,12 +504,12 @@ def custom_short_positions(folder: Path) -> Path:
 
 @pytest.mark.parametrize("case, why", [
     (Tiny("big_bird", "wordpiece", {"attention_type": "block_sparse", "block_size": 4, "num_random_blocks": 2}),
-     r"BigBirdModel changes itself as it runs \(.*attention_type became 'original_full' after a sequence of 13 "
+     r"BigBirdModel changes itself as it runs \(.*attention_type became 'original_full', after a sequence of 13 "
      r"tokens\): its vectors would depend on the documents before them"),
     (Tiny("reformer", "albert", {"axial_pos_shape": [8, 8], "axial_pos_embds_dim": [16, 16], "attention_head_size": 8,
                                  "attn_layers": ["local", "lsh"] * 2, "local_attn_chunk_length": 16,
                                  "lsh_attn_chunk_length": 16, "feed_forward_size": 64}),
-     r"ReformerModel returns hidden states of 64 positions for a sequence of 61 tokens \(it pads inside\)"),
+     r"ReformerModel returns hidden states of 64 positions for a sequence of 61 tokens: strata cannot tell"),
     (Tiny("albert", "albert", {"inner_group_num": 2}),
      r"AlbertModel returns 9 hidden states for the 4 layers config.json names \(num_hidden_layers\)"),
     ("short positions", r"ShortModel cannot run a sequence of 61 tokens \(IndexError: index out of range in "
@@ -526,3 +526,98 @@ def test_what_cannot_equal_transformers_is_refused_as_the_replica_loads(tmp_path
     with pytest.raises(ModelError, match=why) as refused:
         check_weights_load(info)  # what `strata validate` and every replica do first
     assert "\n" not in str(refused.value)
+
+
+# --- custom code can do anything: what a replica's load-time probes catch of it ---
+
+MISBEHAVING = '''
+from transformers import BertConfig, BertModel
+
+
+class OddConfig(BertConfig):
+    model_type = "odd-bert"
+
+
+class OddModel(BertModel):
+    config_class = OddConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls = 0
+        self.embeddings.register_forward_hook(self._odd)
+
+    def _odd(self, module, args, out):  # out: (B, T, D) embedding output
+        self.calls += 1
+        return out + {ODD}
+'''
+ODD = {"batch-mates": "0.5 * out.mean(dim=0, keepdim=True)",  # a window's vectors depend on its micro-batch
+       "padding-amount": "0.02 * out.shape[1]",  # on how much padding there is
+       "stateful": "0.01 * self.calls"}  # on how many sequences came before
+
+
+def odd_folder(folder: Path, odd: str) -> Path:
+    bert = folder_of("bert")
+    for path in bert.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "odd.py").write_text(MISBEHAVING.replace("{ODD}", ODD[odd]))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="odd-bert", architectures=["OddModel"],
+                  auto_map={"AutoConfig": "odd.OddConfig", "AutoModel": "odd.OddModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("odd", ["batch-mates", "padding-amount"])
+def test_custom_code_that_depends_on_the_micro_batch_still_gives_one_document_at_a_time(tmp_path, odd):
+    info = resolve_model(ModelConfig(name_or_path=str(odd_folder(tmp_path, odd)), trust_remote_code=True))
+    spec = OutputSpec(name="v", layers=[2], pooling="mean", combine="concat")
+    embedder, result, windows = embed(info, [spec], texts())
+    assert (embedder.encoder.needs_one_window, embedder.encoder.needs_equal_lengths) == \
+        ((True, False) if odd == "batch-mates" else (False, True))
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(info.path)
+    for row, text in enumerate(texts()):
+        model = AutoModel.from_pretrained(info.path, trust_remote_code=True).eval()  # fresh: it may count calls
+        ids = tokenizer(text, truncation=True, max_length=LIMIT, return_tensors="pt")
+        with torch.no_grad():
+            want = model(**ids, output_hidden_states=True).hidden_states[2][0].mean(0).numpy()
+        np.testing.assert_allclose(result.vectors["v"][row], want, atol=ATOL)
+
+
+def test_custom_code_that_changes_itself_as_it_runs_is_refused(tmp_path):
+    from pipeline.model import check_weights_load
+
+    info = resolve_model(ModelConfig(name_or_path=str(odd_folder(tmp_path, "stateful")), trust_remote_code=True))
+    with pytest.raises(ModelError, match=r"OddModel changes itself as it runs \(the same sequence gives other hidden "
+                                         r"states the second time, after a sequence of 13 tokens\)"):
+        check_weights_load(info)
+
+
+def test_weights_split_into_shards_load_as_transformers_loads_them(tmp_path):
+    from transformers import AutoModel
+
+    from pipeline.model import check_weights_load
+
+    whole = folder_of("bert")
+    sharded = tmp_path / "sharded"
+    AutoModel.from_pretrained(whole).save_pretrained(sharded, max_shard_size="40KB")
+    for path in whole.iterdir():
+        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+            (sharded / path.name).write_bytes(path.read_bytes())
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    info = resolve_model(ModelConfig(name_or_path=str(sharded)))
+    check_weights_load(info)
+    spec = OutputSpec(name="v", layers=[2, -1], pooling="mean", combine="stack")
+    _, split, _ = embed(info, [spec], texts()[:4])
+    _, one, _ = embed(resolve_model(ModelConfig(name_or_path=str(whole))), [spec], texts()[:4])
+    np.testing.assert_array_equal(split.vectors["v"], one.vectors["v"])
+
+    shard = shards[-1].read_bytes()
+    shards[-1].write_bytes(shard[:-4] + bytes(4))  # one shard's last bytes changed: other weights
+    assert resolve_model(ModelConfig(name_or_path=str(sharded))).weights_sha256 != info.weights_sha256
+    shards[0].unlink()
+    with pytest.raises(ModelError, match=rf"model.safetensors.index.json lists 1 shard\(s\) the folder lacks "
+                                         rf"\({shards[0].name}, ...\)"):
+        resolve_model(ModelConfig(name_or_path=str(sharded)))

@@ -52,3 +52,14 @@ def test_overhead_by_device():
 
 def test_empty_fragment_has_no_batches():
     assert pack_micro_batches(np.array([], np.int32), 100) == []
+
+
+def test_equal_lengths_batches_hold_one_length_each_within_the_budget():
+    """For models whose vectors change with padding: no micro-batch pads at all."""
+    lengths = np.random.default_rng(0).integers(1, 50, 300)
+    batches = pack_micro_batches(lengths, 256, 64, equal_lengths=True)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(300))
+    assert all(len(set(lengths[b].tolist())) == 1 for b in batches)
+    assert all(len(b) * lengths[b].max() <= 256 for b in batches)
+    assert padded_tokens(lengths, batches) == lengths.sum()
+    assert len(batches) > len(pack_micro_batches(lengths, 256, 64))  # the price: more, smaller passes
