@@ -329,38 +329,45 @@ def test_decoders_and_encoder_decoders_are_refused_saying_what_strata_embeds(tmp
     assert "Supported models" in line
 
 
-CUSTOM_CODE = '''
-from transformers import BertConfig, BertModel
+def custom_code_folder(folder: Path, module: str, methods: str, weights: bool = False) -> Path:
+    """A copy of the tiny BERT whose config.json asks for its own code (auto_map): `module`.py
+    holding `{Module}Config(BertConfig)` and `{Module}Model(BertModel)` with `methods` as the
+    model's own; `weights`: saved anew from that model (it has other tensors)."""
+    from transformers import AutoConfig, AutoModel
+
+    name = module.title().replace("_", "")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in folder_of("bert").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / f"{module}.py").write_text(
+        "from torch import nn\nfrom transformers import BertConfig, BertModel\n\n\n"
+        f"class {name}Config(BertConfig):\n    model_type = '{module}-bert'\n\n\n"
+        f"class {name}Model(BertModel):\n    config_class = {name}Config\n" + methods)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type=f"{module}-bert", architectures=[f"{name}Model"],
+                  auto_map={"AutoConfig": f"{module}.{name}Config", "AutoModel": f"{module}.{name}Model"})
+    (folder / "config.json").write_text(json.dumps(config))
+    if weights:
+        model = AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True),
+                                      trust_remote_code=True)
+        model.save_pretrained(folder)
+        (folder / "config.json").write_text(json.dumps(config))  # save_pretrained writes it without auto_map
+    return folder
 
 
-class TinyCustomConfig(BertConfig):
-    model_type = "tiny-custom-bert"
-
-
-class TinyCustomModel(BertModel):
-    config_class = TinyCustomConfig
-
+DOUBLED = """
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         # the folder's own code: every hidden state doubled, so running it shows in the numbers
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                              **kwargs)
         out.hidden_states = tuple(2 * h for h in out.hidden_states)
         return out
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def custom_folder(tmp_path_factory) -> Path:
-    import shutil
-
-    folder = tmp_path_factory.mktemp("custom")
-    for path in folder_of("bert").iterdir():
-        shutil.copy(path, folder / path.name)
-    (folder / "tiny_custom.py").write_text(CUSTOM_CODE)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="tiny-custom-bert", architectures=["TinyCustomModel"],
-                  auto_map={"AutoConfig": "tiny_custom.TinyCustomConfig", "AutoModel": "tiny_custom.TinyCustomModel"})
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return custom_code_folder(tmp_path_factory.mktemp("custom"), "tiny_custom", DOUBLED)
 
 
 def test_custom_code_is_never_run_without_trust_remote_code(custom_folder, tmp_path):
@@ -465,41 +472,12 @@ def test_a_cut_encoder_gives_each_thread_its_own_deepest_layer():
 # --- models whose vectors strata cannot make equal to transformers': refused as a replica loads
 # (and so by `strata validate`, which loads the weights as a replica does), never mid-run ---
 
-SHORT_POSITIONS = '''
-from torch import nn
-from transformers import BertConfig, BertModel
-
-
-class ShortConfig(BertConfig):
-    model_type = "short-positions-bert"
-
-
-class ShortModel(BertModel):
-    config_class = ShortConfig
-
+FEWER_POSITIONS = """
     def __init__(self, config):
         super().__init__(config)
         # fewer positions than config.json says: the driver cannot see it in the position table
         self.embeddings.position_embeddings = nn.Embedding(config.max_position_embeddings // 2, config.hidden_size)
-'''
-
-
-def custom_short_positions(folder: Path) -> Path:
-    from transformers import AutoConfig, AutoModel
-
-    bert = folder_of("bert")
-    for path in bert.iterdir():
-        if path.suffix != ".safetensors":
-            (folder / path.name).write_bytes(path.read_bytes())
-    (folder / "short.py").write_text(SHORT_POSITIONS)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="short-positions-bert", architectures=["ShortModel"],
-                  auto_map={"AutoConfig": "short.ShortConfig", "AutoModel": "short.ShortModel"})
-    (folder / "config.json").write_text(json.dumps(config))
-    model = AutoModel.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True), trust_remote_code=True)
-    model.save_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps(config))  # save_pretrained rewrites it without auto_map
-    return folder
+"""
 
 
 @pytest.mark.parametrize("case, why", [
@@ -521,7 +499,7 @@ def test_what_cannot_equal_transformers_is_refused_as_the_replica_loads(tmp_path
     if isinstance(case, Tiny):
         folder, trust = build(case, tmp_path / "model"), False
     else:
-        folder, trust = custom_short_positions(tmp_path), True
+        folder, trust = custom_code_folder(tmp_path / "model", "short", FEWER_POSITIONS, weights=True), True
     info = resolve_model(ModelConfig(name_or_path=str(folder), trust_remote_code=trust))
     with pytest.raises(ModelError, match=why) as refused:
         check_weights_load(info)  # what `strata validate` and every replica do first
@@ -530,17 +508,13 @@ def test_what_cannot_equal_transformers_is_refused_as_the_replica_loads(tmp_path
 
 # --- custom code can do anything: what a replica's load-time probes catch of it ---
 
-MISBEHAVING = '''
-from transformers import BertConfig, BertModel
+ODD = {"batch-mates": "0.5 * out.mean(dim=0, keepdim=True)",  # a window's vectors depend on its micro-batch
+       "padding-amount": "0.02 * out.shape[1]",  # on how much padding there is
+       "stateful": "0.01 * self.calls"}  # on how many sequences came before
 
 
-class OddConfig(BertConfig):
-    model_type = "odd-bert"
-
-
-class OddModel(BertModel):
-    config_class = OddConfig
-
+def odd_folder(folder: Path, odd: str) -> Path:
+    return custom_code_folder(folder, "odd", f"""
     def __init__(self, config):
         super().__init__(config)
         self.calls = 0
@@ -548,23 +522,8 @@ class OddModel(BertModel):
 
     def _odd(self, module, args, out):  # out: (B, T, D) embedding output
         self.calls += 1
-        return out + {ODD}
-'''
-ODD = {"batch-mates": "0.5 * out.mean(dim=0, keepdim=True)",  # a window's vectors depend on its micro-batch
-       "padding-amount": "0.02 * out.shape[1]",  # on how much padding there is
-       "stateful": "0.01 * self.calls"}  # on how many sequences came before
-
-
-def odd_folder(folder: Path, odd: str) -> Path:
-    bert = folder_of("bert")
-    for path in bert.iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
-    (folder / "odd.py").write_text(MISBEHAVING.replace("{ODD}", ODD[odd]))
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="odd-bert", architectures=["OddModel"],
-                  auto_map={"AutoConfig": "odd.OddConfig", "AutoModel": "odd.OddModel"})
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+        return out + {ODD[odd]}
+""")
 
 
 @pytest.mark.parametrize("odd", ["batch-mates", "padding-amount"])
