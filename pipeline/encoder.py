@@ -191,7 +191,10 @@ class Encoder(nn.Module):
         except ModelError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the model's code raises, one line
-            raise ProbeFailed(self.what, input_ids.shape[1], described(exc)) from None
+            dtype = next(self.model.parameters()).dtype
+            hint = "" if dtype == torch.float32 else f", in {str(dtype).removeprefix('torch.')}: model.dtype float32 " \
+                                                     "may run it"
+            raise ProbeFailed(self.what, input_ids.shape[1], described(exc) + hint) from None
         finally:
             self.depth = saved
 

@@ -580,3 +580,13 @@ def test_weights_split_into_shards_load_as_transformers_loads_them(tmp_path):
     with pytest.raises(ModelError, match=rf"model.safetensors.index.json lists 1 shard\(s\) the folder lacks "
                                          rf"\({shards[0].name}, ...\)"):
         resolve_model(ModelConfig(name_or_path=str(sharded)))
+
+
+def test_a_model_that_cannot_run_in_16_bits_is_refused_naming_the_dtype():
+    """FNet's Fourier transform has no bfloat16 kernel: the replica says so and what would run."""
+    from pipeline.encoder import Encoder
+
+    info = resolve_model(ModelConfig(name_or_path=str(folder_of("fnet"))))
+    with pytest.raises(ModelError, match=r"FNetModel cannot run a sequence of 13 tokens \(RuntimeError: .*BFloat16, "
+                                         r"in bfloat16: model.dtype float32 may run it\)"):
+        Encoder(info, 2, torch.bfloat16, torch.device("cpu"))
