@@ -80,6 +80,18 @@ def validate(config: str = typer.Argument(..., help="YAML config file"), overrid
     err.print(f"ok: {summary}", markup=False, highlight=False)
 
 
+def _renewal(holder) -> str:
+    """When a lease was last renewed, by the holder's own clock: this host's clock is comparable only
+    on the same machine."""
+    from pipeline.lease import this_machine
+
+    if holder.machine == this_machine():
+        return f"lease renewed {max(time.time() - holder.renewed, 0):,.0f} s ago"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.renewed))
+    return (f"lease renewed at {stamp} by that host's clock (whether it is still alive shows only by watching "
+            f"its lease change: a run started now waits up to {holder.ttl:,.0f} s for that)")
+
+
 @app.command()
 def status(output_uri: str = typer.Argument(..., help="Output location of a run"),
            as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON")):
@@ -104,8 +116,7 @@ def status(output_uri: str = typer.Argument(..., help="Output location of a run"
     planned = plan.get("fragments")  # known once every shard of the version was read
     report = {
         "output": output_uri,
-        "running": None if holder is None or surely_dead(holder) else
-        f"{holder.describe()}; lease renewed {max(time.time() - holder.renewed, 0):,.0f} s ago",
+        "running": None if holder is None or surely_dead(holder) else f"{holder.describe()}; {_renewal(holder)}",
         "stale_lease": None if holder is None or not surely_dead(holder) else
         f"{holder.describe()}: that run is over (killed?); the next run takes the output over",
         "current_version": snapshots[-1].version if snapshots else None,

@@ -72,6 +72,7 @@ class CommitRecord:
     shard_version: str = ""  # the shard's version it was read from (see sources.file_version)
     last: bool = False  # the shard's last fragment: the shard ends at `end`
     truncated: int = 0  # of `docs`, documents cut at max_length
+    lease_generation: int = 0  # the fencing token of the run that committed it (lease.py); 0: before leases had one
 
     @property
     def embedded(self) -> int:
@@ -93,8 +94,9 @@ class FailureRecord:
 
 
 class Manifest:
-    def __init__(self, location: Location):
+    def __init__(self, location: Location, generation: int = 0):
         self.location = location
+        self.generation = generation  # this run's lease generation: written into journals; newer ones are not touched
 
     def read_run(self) -> dict | None:
         """run.json, checked for the keys strata reads; None when the output has none yet."""
@@ -146,7 +148,17 @@ class Manifest:
     def begin_writing(self, fragment: str, files: list[str]) -> None:
         """The write journal: written before the first of `files`, so a run that dies midway
         leaves a list of exactly what the next run may remove."""
-        self.location.write_bytes(json.dumps({"files": files}).encode(), WRITING_DIR, f"{fragment}.json")
+        self.location.write_bytes(json.dumps({"files": files, "lease_generation": self.generation}).encode(),
+                                  WRITING_DIR, f"{fragment}.json")
+
+    def _newer_journal(self, fragment: str) -> bool:
+        """Whether a run of a newer lease generation than this one is writing `fragment` (its files
+        are that run's, whatever this run believes)."""
+        try:
+            journal = read_json(self.location, f"{WRITING_DIR}/{fragment}.json", dict)
+        except OutputError:
+            return False
+        return _generation(journal) > self.generation
 
     def commit(self, record: CommitRecord) -> None:
         self.location.write_bytes(record_bytes(record), FRAGMENTS_DIR, f"{record.fragment}.json")
@@ -211,7 +223,10 @@ class Manifest:
             if not name.endswith(".json") or temp_target(name):
                 continue
             journal = f"{WRITING_DIR}/{name}"
-            files = read_json(self.location, journal, dict).get("files", [])
+            content = read_json(self.location, journal, dict)
+            if _generation(content) > self.generation:  # a newer run's: never ours to remove
+                continue
+            files = content.get("files", [])
             if fragment not in committed:
                 for path in files:
                     if isinstance(path, str) and self.location.exists(path):
@@ -231,7 +246,10 @@ class Manifest:
         """Delete committed fragments: the record first (so a crash leaves files without a record,
         which the next run removes), then data, quarantine and hash files. Returns files removed."""
         removed = 0
+        journals = {n.removesuffix(".json") for n in self.location.list_names(WRITING_DIR)}
         for record in records:
+            if record.fragment in journals and self._newer_journal(record.fragment):
+                continue  # a run of a newer lease generation writes these files now
             if self.location.exists(FRAGMENTS_DIR, f"{record.fragment}.json"):
                 self.location.remove(FRAGMENTS_DIR, f"{record.fragment}.json")
             paths = [*record.files, *([record.quarantine_file] if record.quarantine_file else []),
@@ -303,6 +321,11 @@ class Manifest:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         self.location.write_bytes(sink.getvalue(), INDEX_DIR, f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
+
+
+def _generation(journal: dict) -> int:
+    value = journal.get("lease_generation", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def record_bytes(record: CommitRecord) -> bytes:

@@ -38,6 +38,7 @@ from pipeline.errors import StrataError, Terminated, one_line, root_cause
 from pipeline.sources import Shard
 from pipeline.spec import Simulation
 from pipeline.incremental import DiffTask, diff_shard
+from pipeline.lease import LeaseLost
 from pipeline.manifest import CommitRecord, FailureRecord
 from pipeline.model import local_model_path
 from pipeline.stages import Embed, JobSpec, Tokenize, cannot_start, read_shard, write_fragment
@@ -191,7 +192,7 @@ def run_shards(work: pa.Table, job: JobSpec, resources: Resources) -> Iterator[t
     ds = ds.map_batches(_read_step, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job},
                         num_cpus=IO_TASK_CPUS)
     tokenize = functools.partial(_tokenizer_on_this_node, job)
-    embed = functools.partial(Embed, job.embed, job.input.keep_fields, job.output_uri, job.storage)
+    embed = functools.partial(Embed, job.embed, job.input.keep_fields, job.output_uri, job.storage, job.lease_token)
     ds = ds.map_batches(_actor_step(tokenize, "Tokenize"), batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.tokenizers),
                         num_cpus=TOKENIZER_CPUS, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
@@ -209,6 +210,8 @@ def run_shards(work: pa.Table, job: JobSpec, resources: Resources) -> Iterator[t
             record = kind(**json.loads(row["record"]))
             if row["kind"] == "fatal":
                 raise StepCannotStart(record.reason)
+            if row["kind"] == "lost":
+                raise LeaseLost(record.reason)
             yield record, row["shard_size"]
 
 
@@ -293,7 +296,12 @@ def _tokenizer_on_this_node(job: JobSpec) -> Tokenize:
 
 def _write_step(batch: pa.Table, job: JobSpec) -> pa.Table:
     payload = _one(batch)
-    record = write_fragment(payload, job)
-    kind = "commit" if isinstance(record, CommitRecord) else "fatal" if payload["fatal"] else "failure"
+    try:
+        record = write_fragment(payload, job)
+    except LeaseLost as exc:  # the run lost its output to another run: the driver stops with this line
+        payload = {**payload, "lease_lost": True, "error": str(exc)}
+        record = FailureRecord(json.loads(payload["fragment"])["id"], "", str(exc), None)
+    kind = "commit" if isinstance(record, CommitRecord) else "lost" if payload["lease_lost"] else \
+        "fatal" if payload["fatal"] else "failure"
     size = json.loads(payload["fragment"])["shard"]["size"]
     return pa.table({"kind": [kind], "record": [json.dumps(asdict(record))], "shard_size": [size]})

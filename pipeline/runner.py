@@ -62,6 +62,8 @@ class Plan:
     changes: dict[str, int] | None = None  # added/changed/unchanged/deleted of the diffed shards (incremental)
     keep_schema: pa.Schema | None = None  # the output's type of each kept field, fixed for the life of the output
     weights_only: bool = False  # the output was made before its identity held the model's files (see identity)
+    lease_token: str = ""  # the run's lease on the output, and its generation (the fencing token, lease.py)
+    lease_generation: int = 0
 
     @property
     def salt(self) -> str:
@@ -219,7 +221,7 @@ def run(config: StrataConfig, console: Console | None = None, if_free: bool = Fa
     resolved = resolve(config)
     location = check_output(config)
     check_writable(location)  # before listing and counting a corpus that may be large
-    lease = Lease(location)
+    lease = Lease(location, ttl=config.run.lease_ttl)
     try:
         lease.acquire(note=lambda line: console.print(line, markup=False, highlight=False))
     except OutputBusy as busy:
@@ -228,7 +230,7 @@ def run(config: StrataConfig, console: Console | None = None, if_free: bool = Fa
         console.print(f"strata: skipping this run: {busy}", markup=False, highlight=False)
         return None
     with lease:
-        return _run_holding_the_output(config, resolved, location, console, started, simulation)
+        return _run_holding_the_output(config, resolved, lease.fenced(location), console, started, simulation, lease)
 
 
 def _say(console: Console, line: str) -> None:
@@ -236,12 +238,16 @@ def _say(console: Console, line: str) -> None:
 
 
 def _run_holding_the_output(config: StrataConfig, resolved, location: Location, console: Console,
-                            started: float, simulation: Simulation | None = None) -> dict:
-    manifest = Manifest(location)
+                            started: float, simulation: Simulation | None = None, lease: Lease | None = None) -> dict:
+    """The run, once it holds the output; `location` is fenced by its lease (every write and
+    removal first checks that this run still holds the output)."""
+    manifest = Manifest(location, lease.generation if lease else 0)
     current = versions.read_snapshot(location)
     skipped: list[str] = []
     listing = shard_table(config.input, config.storage, skipped=skipped)
     plan = Plan(config, *resolved, listing, [], skipped)
+    if lease is not None:
+        plan.lease_token, plan.lease_generation = lease.token, lease.generation
     previous_run = manifest.read_run()
     recorded = current.identity if current and current.identity else (previous_run or {}).get("identity")
     plan.weights_only = bool(recorded) and "model_files_sha256" not in recorded
@@ -290,6 +296,8 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     summary = summarize(plan, records, this_run, failed, time.monotonic() - started, complete=not open_shards)
     lost = _lost_files(manifest, records) if not failed and not open_shards else []
     if not failed and not open_shards and not lost:
+        if lease is not None:
+            lease.check(renew=True)  # publish only what this run can prove it still holds
         versions.publish(location, _snapshot(plan, records))
         summary["published"] = True
         _say(console, f"published version {plan.version} of {config.output.uri}")
@@ -449,7 +457,8 @@ def _snapshot(plan: Plan, records: list[CommitRecord]) -> versions.Snapshot:
     counts = {"docs": docs, "embedded": embedded, **changes, "carried": docs - embedded,
               **{key: sum(getattr(r, key) for r in records) for key in ("quarantined", "blank", "rows", "tokens")}}
     return versions.Snapshot(plan.version, plan.fingerprint, plan.kind, counts, plan.shard_versions(),
-                             sorted(records, key=lambda r: r.fragment), reason=plan.reason, identity=plan.identity)
+                             sorted(records, key=lambda r: r.fragment), reason=plan.reason, identity=plan.identity,
+                             lease_generation=plan.lease_generation)
 
 
 def _job(plan: Plan, cpu_threads: int | None = None, simulation: Simulation | None = None) -> JobSpec:
@@ -463,7 +472,8 @@ def _job(plan: Plan, cpu_threads: int | None = None, simulation: Simulation | No
     return JobSpec(plan.config.input, settings, plan.config.output.uri, plan.config.output.partition_by, metadata,
                    stride=long_text.window_stride, storage=plan.config.storage, version=plan.version,
                    changes_dir=versions.changes_dir(plan.version) if plan.changes is not None else None,
-                   keep_schema=plan.keep_schema, fragment_docs=plan.config.batching.fragment_docs, salt=plan.salt)
+                   keep_schema=plan.keep_schema, fragment_docs=plan.config.batching.fragment_docs, salt=plan.salt,
+                   lease_token=plan.lease_token, lease_generation=plan.lease_generation)
 
 
 def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Manifest,
@@ -489,6 +499,7 @@ def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Mani
         while remaining.num_rows:
             try:
                 for record, shard_size in ray_pipeline.run_shards(remaining, job, resources):
+                    manifest.location.guard()  # a run that lost its lease stops at once
                     metrics.record(record, shard_size)
                     if isinstance(record, FailureRecord):
                         failures.append(record)

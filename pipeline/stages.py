@@ -30,6 +30,7 @@ from pipeline.fragments import Fragment, cut, shard_failure_id, table_from_bytes
 from pipeline.errors import InputError, StrataError, one_line
 from pipeline.changes import content_hashes, index_table
 from pipeline.incremental import carried_rows, changes_name, read_changes, split_by_changes
+from pipeline.lease import LeaseLost, confirm_holder
 from pipeline.manifest import HASHES_DIR, CommitRecord, FailureRecord, Manifest
 from pipeline.model import ModelInfo, local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
@@ -55,6 +56,8 @@ class JobSpec:
     keep_schema: pa.Schema | None = None  # the output's type of each kept field (sources.keep_schema)
     fragment_docs: int = 4096  # rows per fragment (batching.fragment_docs)
     salt: str = ""  # what joins each shard's version in fragment ids: settings fingerprint and version
+    lease_token: str = ""  # the run's lease (lease.py): workers confirm it before journals and commits
+    lease_generation: int = 0  # its fencing token, written into journals and commit records
 
     def changes_uri(self, source: str) -> str | None:
         if self.changes_dir is None:
@@ -99,7 +102,7 @@ def _payload(fragment: Fragment, started: float, **fields) -> dict:
     empty = table_to_bytes(quarantine_table([]))
     return {"fragment": fragment.to_json(), "started": started, "docs": b"", "quarantine": empty, "windows": b"",
             "carry": b"", "index": b"", "blank": 0, "embedded": 0, "padded_tokens": 0, "error": "", "fatal": False,
-            "shard_failed": False,
+            "shard_failed": False, "lease_lost": False,
             **fields}
 
 
@@ -124,6 +127,8 @@ def _guarded(step):
             return payload
         try:
             return step(self, payload)
+        except LeaseLost as exc:  # the run lost its output: it stops, nothing is recorded
+            return {**payload, "docs": b"", "windows": b"", "fatal": True, "lease_lost": True, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - recorded as the fragment's failure
             return {**payload, "docs": b"", "windows": b"", "error": f"{type(self).__name__.lower()}: {_describe(exc)}"}
 
@@ -199,18 +204,21 @@ class Embed:
     """Adds the output vectors; the payload's docs become the output rows."""
 
     def __init__(self, settings: EmbedSettings, keep_fields: list[str], output_uri: str | None = None,
-                 storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, lease_token: str = ""):
         from pipeline.embedder import Embedder  # torch: only model replicas import it
 
         local = dataclasses.replace(settings.model, path=local_model_path(settings.model, storage))
         self.embedder = Embedder(dataclasses.replace(settings, model=local))
         self.keep_fields = keep_fields
         self.manifest = Manifest(Location.from_uri(output_uri, storage)) if output_uri else None
+        self.lease_token = lease_token
 
     @_guarded
     def __call__(self, payload: dict) -> dict:
         fragment = Fragment.from_json(payload["fragment"])
         if self.manifest:  # counts the worker deaths a fragment causes (see runner._execute)
+            if self.lease_token:
+                confirm_holder(self.manifest.location, self.lease_token)
             self.manifest.note_attempt(fragment.id, fragment.shard.source, fragment.start, fragment.rows)
         docs = table_from_bytes(payload["docs"])
         windows = TokenWindows.from_table(table_from_bytes(payload["windows"]), docs["n_tokens"].to_numpy(),
@@ -269,10 +277,14 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
     if not payload["error"]:
         try:
             return _write(fragment, payload, job, location)
+        except LeaseLost:
+            raise
         except Exception as exc:  # noqa: BLE001 - recorded as the fragment's failure; the run goes on
             payload = {**payload, "error": f"writing it: {_describe(exc)}"}
     failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"],
                             None if payload["shard_failed"] else fragment.rows)
+    if job.lease_token:
+        confirm_holder(location, job.lease_token)
     try:
         Manifest(location).fail(failure)
     except Exception:  # noqa: BLE001 - the output itself is failing: the driver reports it
@@ -295,7 +307,9 @@ def _write(fragment: Fragment, payload: dict, job: JobSpec, location: Location) 
     quarantine = table_from_bytes(payload["quarantine"])
     quarantine_file = f"quarantine/{fragment.id}.parquet" if quarantine.num_rows else None
     index_file = f"{HASHES_DIR}/{fragment.id}.parquet"
-    manifest = Manifest(location)
+    manifest = Manifest(location, job.lease_generation)
+    if job.lease_token:  # a run that lost the output writes nothing more into the manifest
+        confirm_holder(location, job.lease_token)
     manifest.begin_writing(fragment.id, [path for path, _ in parts] + [index_file] +
                            ([quarantine_file] if quarantine_file else []))
     for path, part in parts:
@@ -326,6 +340,9 @@ def _write(fragment: Fragment, payload: dict, job: JobSpec, location: Location) 
         shard_version=fragment.shard.version,
         last=fragment.last,
         truncated=int(pc.sum(rows["truncated"]).as_py() or 0),
+        lease_generation=job.lease_generation,
     )
+    if job.lease_token:
+        confirm_holder(location, job.lease_token)
     manifest.commit(record)
     return record

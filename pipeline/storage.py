@@ -6,14 +6,19 @@ it, so object storage drops in without touching the rest of the pipeline.
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import os
 import posixpath
 import re
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
 
 import fsspec
+from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import StorageConfig
@@ -28,6 +33,11 @@ S3_PROTOCOLS = ("s3", "s3a")
 
 class StorageError(StrataError):
     """Storage refused or could not be reached: the cause, and the file or folder it concerns."""
+
+
+class Conflict(StrataError):
+    """A conditional write found the object other than expected: present when it was to be
+    created, changed or gone when it was to be replaced."""
 
 
 def storage_options(uri: str, storage: StorageConfig | None) -> dict:
@@ -87,6 +97,9 @@ def _io(action: str):
 class Location:
     fs: fsspec.AbstractFileSystem
     root: str  # path inside fs, no protocol, no trailing slash
+    # called before every write and removal: raises when this process may no longer change the
+    # output (a run whose lease was taken over, see lease.py); never shipped to workers
+    fence: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_uri(cls, uri: str, storage: StorageConfig | None = None) -> "Location":
@@ -96,6 +109,29 @@ class Location:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def is_s3(self) -> bool:
+        return any(p in S3_PROTOCOLS for p in ([self.fs.protocol] if isinstance(self.fs.protocol, str)
+                                                else self.fs.protocol))
+
+    @property
+    def conditional(self) -> bool:
+        """Whether `write_if` is atomic here: a local disk (a lock on the folder) and S3 (conditional
+        PUT: `If-None-Match: *`, `If-Match: <etag>`). Elsewhere it reads, compares, then writes."""
+        return self.is_local or self.is_s3
+
+    def __getstate__(self) -> dict:
+        return {"fs": self.fs, "root": self.root, "fence": None}  # a fence belongs to one process
+
+    def __setstate__(self, state: dict) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+
+    def guard(self) -> None:
+        """Raise what the fence raises when this process may no longer change the output."""
+        if self.fence is not None:
+            self.fence()
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -128,6 +164,7 @@ class Location:
         Locally: a hidden temporary sibling (`.name.tmp-…`, which pyarrow and DuckDB readers skip)
         then an atomic rename. On object storage a single PUT is already all-or-nothing.
         """
+        self.guard()
         target = self.path(*parts)
         if not self.is_local:
             self.fs.pipe_file(target, data)
@@ -137,6 +174,55 @@ class Location:
         temp = posixpath.join(folder, temp_name(name))
         self.fs.pipe_file(temp, data)
         self.fs.mv(temp, target)
+
+    @_io("read")
+    def read_tagged(self, *parts: str) -> tuple[bytes, str] | None:
+        """A file's bytes and its tag (S3: the ETag, read in the same request; elsewhere: a hash of
+        the bytes), for a later `write_if`; None when there is no such file."""
+        target = self.path(*parts)
+        if self.is_s3:
+            bucket, key, _ = self.fs.split_path(target)
+            return sync(self.fs.loop, _s3_get, self.fs, bucket, key)
+        try:
+            data = self.fs.cat_file(target)
+        except FileNotFoundError:
+            return None
+        return data, content_tag(data)
+
+    @_io("write")
+    def write_if(self, data: bytes, *parts: str, tag: str | None) -> str:
+        """Write a whole object only if it is still as last read: absent (`tag` None) or with that
+        tag. Returns the new tag; Conflict when the object is otherwise. Atomic where `conditional`
+        (S3's conditional PUT; locally under an exclusive lock on the folder, then a rename), else
+        compare-then-write. Not fenced: this is what a lease is made of."""
+        target = self.path(*parts)
+        if self.is_s3:
+            bucket, key, _ = self.fs.split_path(target)
+            condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+            try:
+                answer = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+            except FileNotFoundError:  # If-Match on an object that is gone
+                raise Conflict(f"{self.uri(*parts)} is gone") from None
+            except OSError as exc:
+                if _precondition_failed(exc):
+                    raise Conflict(f"{self.uri(*parts)} {'exists' if tag is None else 'changed'}") from None
+                raise
+            finally:
+                self.fs.invalidate_cache(target)
+            return answer["ETag"].strip('"')
+        folder, name = posixpath.split(target)
+        self.fs.makedirs(folder, exist_ok=True)
+        with _folder_lock(folder) if self.is_local else _nothing():
+            found = self.read_tagged(*parts)
+            if (found is None) != (tag is None) or (found is not None and found[1] != tag):
+                raise Conflict(f"{self.uri(*parts)} {'exists' if tag is None else 'changed'}")
+            if self.is_local:
+                temp = posixpath.join(folder, temp_name(name))
+                self.fs.pipe_file(temp, data)
+                self.fs.mv(temp, target)
+            else:
+                self.fs.pipe_file(target, data)
+        return content_tag(data)
 
     @_io("list")
     def list_names(self, *parts: str) -> list[str]:
@@ -173,6 +259,7 @@ class Location:
 
     @_io("remove")
     def remove(self, *parts: str) -> None:
+        self.guard()
         self.fs.rm(self.path(*parts))
 
     @_io("reach")
@@ -208,6 +295,47 @@ class Location:
                 elif (rel := posixpath.relpath(path, self.root)) not in ignore:
                     found.append(rel)
         return found[:limit] if found or not queue else [f"{posixpath.relpath(queue[0], self.root)}/..."]
+
+
+def content_tag(data: bytes) -> str:
+    """The tag `read_tagged` gives a file outside S3: its sha256, as hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _s3_get(fs, bucket: str, key: str) -> tuple[bytes, str] | None:
+    """One GET: the object's bytes and ETag together (so the tag is the one of these bytes)."""
+    try:
+        answer = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return None
+    async with answer["Body"] as body:
+        data = await body.read()
+    return data, answer["ETag"].strip('"')
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """s3fs turns 412 PreconditionFailed into OSError(EINVAL); a concurrent conditional write is
+    409 ConditionalRequestConflict (AWS)."""
+    text = f"{exc} {exc.__cause__ or ''}"
+    return "PreconditionFailed" in text or "ConditionalRequestConflict" in text or "412" in text or \
+        (exc.errno == 22 and "Precondition" in text)
+
+
+@contextmanager
+def _folder_lock(folder: str):
+    """An exclusive lock on a local folder (flock on its descriptor): held for one read-compare-write;
+    the kernel lets go when the process dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def temp_name(name: str) -> str:

@@ -41,6 +41,7 @@ class Snapshot:
     fragments: list[CommitRecord]
     reason: str = ""  # why a full re-embed
     identity: dict = field(default_factory=dict)  # the settings behind `fingerprint`, to say what changed
+    lease_generation: int = 0  # the fencing token of the run that published it (lease.py)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property
@@ -158,9 +159,11 @@ def collect_garbage(location: Location, keep: int, dry_run: bool = False) -> Col
     lease = Lease(location)
     lease.acquire()
     with lease:
+        location = lease.fenced(location)  # a collection whose lease was taken over removes nothing more
         for version in collection.versions:
             location.remove(snapshot_path(version))
             if location.exists(f"{VERSIONS_DIR}/{version:08d}"):
+                location.guard()
                 location.fs.rm(location.path(f"{VERSIONS_DIR}/{version:08d}"), recursive=True)
-        Manifest(location).remove_fragments(collection.fragments)
+        Manifest(location, lease.generation).remove_fragments(collection.fragments)
     return collection

@@ -6,6 +6,8 @@ store answers 503 SlowDown or drops a connection; or, in turn, the first ones as
 says: "fail" answers the fault, "lose" forwards the request and answers the fault in place of
 the server's reply (the server acted, the client was told it failed). `only` (method, path)
 confines faults and counting to those requests; the rest, and all others, pass through.
+`delay` seconds are waited before forwarding every `delay_every`-th request (every one by
+default): a store that answers slowly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,9 +35,10 @@ NO_AGENT = Fault(500, "text/plain; charset=utf-8", b"No available agent to submi
 
 class FlakyProxy:
     def __init__(self, upstream: str, fail_every: int | None = None, reset_every: int | None = None,
-                 fault: Fault = SLOW_DOWN, script: tuple[str, ...] = (), only: tuple[str, str] | None = None):
+                 fault: Fault = SLOW_DOWN, script: tuple[str, ...] = (), only: tuple[str, str] | None = None,
+                 delay: float = 0.0, delay_every: int = 1):
         host, port = upstream.removeprefix("http://").split(":")
-        counter, lock = itertools.count(1), threading.Lock()
+        counter, every, lock = itertools.count(1), itertools.count(1), threading.Lock()
         self.seen = self.failed = self.reset = 0
         proxy = self
 
@@ -53,6 +57,8 @@ class FlakyProxy:
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    n_all = next(every)
                 todo = "pass"
                 if only is None or (self.command, self.path) == only:
                     with lock:
@@ -67,6 +73,8 @@ class FlakyProxy:
                 if todo == "fail":
                     proxy.failed += 1
                     return self._answer(fault.status, [("Content-Type", fault.content_type)], fault.body)
+                if delay and n_all % delay_every == 0:
+                    time.sleep(delay)
                 answer = self._upstream(body)
                 if todo == "lose":
                     proxy.failed += 1
@@ -103,3 +111,9 @@ class FlakyProxy:
 
     def stop(self):
         self.server.shutdown()
+
+    def __enter__(self) -> "FlakyProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -128,7 +128,7 @@ def test_a_stopped_run_exits_with_its_signals_code_and_gives_the_output_back(ray
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main installed its handler in this process
     assert returned == code, stderr
     assert stderr.strip().splitlines()[-1].startswith(said) and "Traceback" not in stderr
-    assert not (tmp_path / "out" / "_manifest" / "lease.json").exists()
+    assert json.loads((tmp_path / "out" / "_manifest" / "lease.json").read_text())["released"]
     resumed, _, stderr = cli(capsys, "run", str(path))
     assert resumed == 0, stderr
 
