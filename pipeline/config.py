@@ -66,6 +66,9 @@ class _Strict(BaseModel):
         return value
 
 
+DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
 class InputConfig(_Strict):
     uri: str = Field(description="File, directory/prefix or glob of the corpus shards (local or s3://)")
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
@@ -77,6 +80,9 @@ class InputConfig(_Strict):
                                        "input: CoNLL, spaCy, a Parquet list<string>); embedded instead of text_field, "
                                        "one word vector per given word")
     keep_fields: list[str] = Field(default_factory=list, description="Input fields copied into the output rows")
+    max_line_bytes: ByteSize = Field(
+        DEFAULT_MAX_LINE_BYTES, gt=0, description="Longest line of a JSONL or text shard that is read (bytes, or "
+        "'64MiB'); a longer line is quarantined with its length, without reading it into memory")
 
     @property
     def document_field(self) -> str:
@@ -319,6 +325,8 @@ class StrataConfig(_Strict):
         relevant["output"].pop("uri")
         if not relevant["model"]["trust_remote_code"]:  # outputs made before the key existed keep their identity
             relevant["model"].pop("trust_remote_code")
+        if relevant["input"]["max_line_bytes"] == DEFAULT_MAX_LINE_BYTES:  # the same
+            relevant["input"].pop("max_line_bytes")
         if self.long_text.window_stride is None:  # stride and aggregate only matter for windows
             relevant["long_text"] = {"strategy": "truncate"}
         relevant["batching"] = {"fragment_docs": self.batching.fragment_docs}

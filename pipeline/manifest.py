@@ -41,14 +41,15 @@ RUN_FILE = "_manifest/run.json"
 FRAGMENTS_DIR = "_manifest/fragments"
 HASHES_DIR = "_manifest/hashes"  # per fragment: id, content hash and row of each document in its data
 FAILURES_DIR = "_manifest/failures"
-ATTEMPTS_DIR = "_manifest/attempts"  # one empty object per start of a fragment's embedding, this run
+ATTEMPTS_DIR = "_manifest/attempts"  # one object per start of a step on a fragment (or of a shard's read), this run
 WRITING_DIR = "_manifest/writing"  # per fragment being written: the files it is about to write
 LEASE_FILE = "_manifest/lease.json"  # see lease.py
 WRITE_PROBE = "_manifest/.write-probe"
 INDEX_DIR = "_manifest/index"  # compact copies of commit records, see above
 INDEX_FILES_MAX = 8  # index files before `fold` merges them into one
 _INDEX_FILE = re.compile(r"^\d{20}-[0-9a-f]{8}\.parquet$")
-_ATTEMPT = re.compile(r"^(?P<fragment>.+)\.[0-9a-f]{12}$")
+STEPS = ("read", "tokenize", "embed", "write")
+_ATTEMPT = re.compile(r"^(?P<fragment>.+)\.(?:(?P<step>read|tokenize|embed|write)-)?[0-9a-f]{12}$")  # no step: embed
 
 
 @dataclass
@@ -181,14 +182,27 @@ class Manifest:
                 self.location.remove(FAILURES_DIR, name)
         self.clear_attempts()
 
-    def note_attempt(self, fragment: str, source: str, start: int, rows: int) -> None:
-        """Written as a fragment's embedding starts (saying which rows of which shard); a worker
-        that dies leaves it behind."""
+    def note_attempt(self, fragment: str, source: str, start: int | None, rows: int | None,
+                     step: str = "embed") -> str:
+        """Written as a step starts on a fragment (or, for `read`, on a whole shard: `fragment` is
+        then the shard's failure id), saying which rows of which shard; a worker that dies leaves
+        it behind, so its count says how often a fragment killed its worker in that step.
+        Returns the marker's name (see `forget_attempt`)."""
+        name = f"{fragment}.{step}-{uuid.uuid4().hex[:12]}"
         self.location.write_bytes(json.dumps({"source": source, "start": start, "rows": rows}).encode(),
-                                  ATTEMPTS_DIR, f"{fragment}.{uuid.uuid4().hex[:12]}")
+                                  ATTEMPTS_DIR, name)
+        return name
+
+    def forget_attempt(self, name: str) -> None:
+        """Remove a marker whose step finished (a read task reads several shards: only the one it
+        dies on may keep its marker)."""
+        try:
+            self.location.remove(ATTEMPTS_DIR, name)
+        except FileNotFoundError:
+            pass
 
     def attempt(self, fragment: str) -> dict:
-        """source, start and rows of a fragment whose embedding started, from one of its markers."""
+        """source, start and rows of a fragment whose step started, from one of its markers."""
         for name in self.location.list_names(ATTEMPTS_DIR):
             if (match := _ATTEMPT.match(name)) and match["fragment"] == fragment:
                 try:
@@ -197,12 +211,18 @@ class Manifest:
                     continue
         return {}
 
-    def attempts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+    def attempts(self) -> dict[str, tuple[str, int]]:
+        """fragment (or shard failure id) -> the step that started on it most often, and how often."""
+        counts: dict[tuple[str, str], int] = {}
         for name in self.location.list_names(ATTEMPTS_DIR):
             if match := _ATTEMPT.match(name):
-                counts[match["fragment"]] = counts.get(match["fragment"], 0) + 1
-        return counts
+                key = (match["fragment"], match["step"] or "embed")
+                counts[key] = counts.get(key, 0) + 1
+        most: dict[str, tuple[str, int]] = {}
+        for (fragment, step), n in sorted(counts.items()):
+            if n > most.get(fragment, ("", 0))[1]:
+                most[fragment] = (step, n)
+        return most
 
     def clear_attempts(self) -> None:
         for name in self.location.list_names(ATTEMPTS_DIR):

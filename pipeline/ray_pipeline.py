@@ -189,8 +189,11 @@ def run_shards(work: pa.Table, job: JobSpec, resources: Resources) -> Iterator[t
         options = ray.data.DataContext.get_current().execution_options
         options.resource_limits = options.resource_limits.copy(object_store_memory=resources.object_store_memory)
     ds = ray.data.from_arrow(input_blocks(work))
+    # read and write tasks retry a worker death as often as actors restart, never without end (Ray
+    # Data's default for tasks): a shard or fragment that kills its worker every time then stops
+    # the pass, and the driver turns it into a failure record from its attempt markers
     ds = ds.map_batches(_read_step, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job},
-                        num_cpus=IO_TASK_CPUS)
+                        num_cpus=IO_TASK_CPUS, max_retries=ACTOR_RETRIES)
     tokenize = functools.partial(_tokenizer_on_this_node, job)
     embed = functools.partial(Embed, job.embed, job.input.keep_fields, job.output_uri, job.storage, job.lease_token)
     ds = ds.map_batches(_actor_step(tokenize, "Tokenize"), batch_size=1, batch_format="pyarrow",
@@ -201,7 +204,7 @@ def run_shards(work: pa.Table, job: JobSpec, resources: Resources) -> Iterator[t
                         num_gpus=resources.gpus_per_replica,
                         num_cpus=resources.cpus_per_replica, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
     ds = ds.map_batches(_write_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job},
-                        num_cpus=IO_TASK_CPUS)
+                        num_cpus=IO_TASK_CPUS, max_retries=ACTOR_RETRIES)
     # prefetch_batches=0: hand each record over as soon as its fragment is committed (with
     # prefetching, Ray Data holds a block back until the next one arrives: progress lags a fragment)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
@@ -291,7 +294,7 @@ def _actor_step(make_step, name: str):
 def _tokenizer_on_this_node(job: JobSpec) -> Tokenize:
     model = dataclasses.replace(job.embed.model, path=local_model_path(job.embed.model, job.storage))
     return Tokenize(model, model.max_length, job.stride, job.embed.token_details,
-                    job.input.words_field is not None)
+                    job.input.words_field is not None, job.output_uri, job.storage)
 
 
 def _write_step(batch: pa.Table, job: JobSpec) -> pa.Table:

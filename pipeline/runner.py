@@ -527,30 +527,42 @@ def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Mani
 
 def _after_worker_deaths(plan: Plan, manifest: Manifest, remaining: pa.Table, done: list[CommitRecord],
                          failures: list[FailureRecord], exc: Exception, console: Console) -> pa.Table:
-    """Ray gave up on a worker that kept dying. A fragment that started embedding more often than
-    Ray retries is what kills it: record it as failed (its shard stays unfinished, the rest of
-    the shard is still read), then go on. Returns the shards still to read, with what to skip."""
+    """Ray gave up on a worker that kept dying. A fragment that started a step (tokenize, embed,
+    write) more often than Ray retries is what kills it: record it as failed (its shard stays
+    unfinished, the rest of the shard is still read); a shard whose read started that often
+    becomes a shard failure and is not read again this run. Then go on. Returns the shards still
+    to read, with what to skip."""
     from pipeline.ray_pipeline import ACTOR_RETRIES
 
     cause = root_cause(exc)
     committed = manifest.committed()
     known = {f.fragment for f in failures}
-    poisoned = {fid: n for fid, n in manifest.attempts().items()
-                if fid not in committed and fid not in known and n > ACTOR_RETRIES}
+    poisoned = {fid: seen for fid, seen in manifest.attempts().items()
+                if fid not in committed and fid not in known and seen[1] > ACTOR_RETRIES}
     if not poisoned:
         raise RunFailed(f"the run stopped after {len(done)} fragments: {cause}; committed fragments are kept, "
                         "rerun the same command to resume")
     skip: dict[str, set[int]] = {}
-    for fragment, times in sorted(poisoned.items()):
+    unread: set[str] = set()
+    for fragment, (step, times) in sorted(poisoned.items()):
         where = manifest.attempt(fragment)
-        source, start = str(where.get("source", "?")), where.get("start")
-        failure = FailureRecord(fragment, source, f"its worker process died {times} times while embedding it "
-                                f"(killed for memory, or a crash in native code): {cause}", int(where.get("rows", 0)))
+        source, start, rows = str(where.get("source", "?")), where.get("start"), where.get("rows")
+        doing = {"read": "reading it", "tokenize": "tokenizing it", "embed": "embedding it",
+                 "write": "writing it"}[step]
+        reason = f"its worker process died {times} times while {doing} (killed for memory, or a crash in native code): {cause}"
+        if step == "read":  # the shard's rest cannot be read: a shard failure, the other shards go on
+            failure = FailureRecord(fragment, source, reason, None)
+            unread.add(source)
+        else:
+            failure = FailureRecord(fragment, source, reason, int(rows or 0))
+            if isinstance(start, int):
+                skip.setdefault(source, set()).add(start)
         manifest.fail(failure)
         failures.append(failure)
-        if isinstance(start, int):
-            skip.setdefault(source, set()).add(start)
-        console.print(f"strata: fragment {fragment} failed: {failure.reason}", markup=False, highlight=False)
+        what = f"shard {source}" if step == "read" else f"fragment {fragment}"
+        console.print(f"strata: {what} failed: {failure.reason}", markup=False, highlight=False)
+    if unread:
+        remaining = remaining.filter(pc.invert(pc.is_in(remaining["source"], pa.array(sorted(unread), pa.string()))))
     landed = {r.fragment for r in done}
     mine = done + own_records(plan.work, plan.salt, manifest.records(committed - landed))
     return to_read(remaining.drop_columns(["skip"]), mine, skip)  # its shard stays unfinished: not published

@@ -345,7 +345,7 @@ def read_ranges(
     if shard.format == "parquet":
         records = _parquet_records(fs, shard, cfg, ranges[-1][1])
     else:
-        records = _line_records(fs, shard)
+        records = _line_records(fs, shard, cfg.max_line_bytes)
     upcoming = next(records, None)
     for start, end in ranges:
         builder = _Builder(shard, cfg, kept_types)
@@ -375,7 +375,8 @@ def read_fragments(
     start, records = 0, None
     check_format(shard, cfg)
     try:
-        records = _parquet_records(fs, shard, cfg, None) if shard.format == "parquet" else _line_records(fs, shard)
+        records = _parquet_records(fs, shard, cfg, None) if shard.format == "parquet" else \
+            _line_records(fs, shard, cfg.max_line_bytes)
         upcoming = next(records, None)
         while True:
             builder = None if start in skip else _Builder(shard, cfg, kept_types)
@@ -438,10 +439,40 @@ def texts_at(cfg: InputConfig, wanted: list[tuple[str, int, str]], storage: Stor
     return texts
 
 
-def _line_records(fs, shard: Shard) -> Iterator[tuple[int, bytes]]:
-    """(row, raw line); lines are parsed only once they fall inside a wanted range."""
+def _line_records(fs, shard: Shard, limit: int) -> Iterator[tuple[int, bytes | str]]:
+    """(row, raw line) — lines are parsed only once they fall inside a wanted range — or, for a
+    line longer than `limit` bytes, (row, why it is quarantined): such a line is never held."""
     with open_shard(fs, shard) as f:
-        yield from enumerate(f)
+        for row, line in enumerate(bounded_lines(f, limit)):
+            yield row, line if isinstance(line, bytes) else (
+                f"a line of {line:,} bytes, longer than input.max_line_bytes ({limit:,}): not read into memory")
+
+
+def bounded_lines(f, limit: int, chunk_bytes: int = 1 << 20) -> Iterator[bytes | int]:
+    """The lines of a binary stream, without their newline, read `chunk_bytes` at a time; a line
+    longer than `limit` bytes comes as its length (an int), its bytes skipped as they stream by,
+    so memory stays within limit + chunk_bytes whatever the input. A last line without newline
+    counts, as in `count_rows`."""
+    head: list[bytes] = []  # the pieces of a line that runs across chunks
+    size, skipping = 0, False
+    while chunk := f.read(chunk_bytes):
+        parts = chunk.split(b"\n")
+        for i, part in enumerate(parts):
+            if i == len(parts) - 1:  # no newline after it (yet): the line goes on in the next chunk
+                size += len(part)
+                if not skipping and size > limit:
+                    skipping, head = True, []
+                elif not skipping and part:
+                    head.append(part)
+                break
+            if not head and not skipping and not size:  # a whole line inside this chunk: the common case
+                yield part if len(part) <= limit else len(part)
+                continue
+            size += len(part)
+            yield size if skipping or size > limit else b"".join(head) + part
+            head, size, skipping = [], 0, False
+    if size or head:
+        yield size if skipping else b"".join(head)
 
 
 def _parse_line(line: bytes, shard_format: str, text_field: str) -> object:

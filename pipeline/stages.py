@@ -74,12 +74,17 @@ def read_shard(shard: Shard, job: "JobSpec", skip: frozenset[int] = frozenset())
     cfg = job.input
     started = time.time()
     fragment = cut(shard, 0, 0, False, job.salt)
+    manifest = Manifest(Location.from_uri(job.output_uri, job.storage)) if job.output_uri else None
+    marker = None
     try:
+        if manifest:  # counts the read tasks this shard kills (see runner._after_worker_deaths)
+            marker = manifest.note_attempt(shard_failure_id(shard.source), shard.source, None, None, "read")
         fs, _ = open_fs(cfg.uri, job.storage)
         changes_uri = job.changes_uri(shard.source)
         changes = read_changes(changes_uri, job.storage) if changes_uri else None
         for start, end, last, rows in read_fragments(fs, shard, job.fragment_docs, cfg, job.keep_schema, skip):
             fragment = cut(shard, start, end, last, job.salt)
+            faults.maybe_kill("read", start)
             if rows is None:
                 continue
             hashes = content_hashes(rows.docs, cfg.keep_fields)
@@ -95,6 +100,11 @@ def read_shard(shard: Shard, job: "JobSpec", skip: frozenset[int] = frozenset())
         failed = Fragment(shard_failure_id(shard.source), shard, fragment.end, fragment.end)
         yield _payload(failed, started, shard_failed=True, error=str(exc) if isinstance(exc, InputError) else
                        f"cannot read shard {shard.source}: {_describe(exc)}")
+    if marker:  # read to its end: its worker survived it
+        try:
+            manifest.forget_attempt(marker)
+        except Exception:  # noqa: BLE001 - a marker left behind counts one try too many, nothing worse
+            pass
 
 
 def _payload(fragment: Fragment, started: float, **fields) -> dict:
@@ -143,11 +153,17 @@ class Tokenize:
     """Replaces the text column (a text, or a list of words) by n_tokens, truncated and, for
     words, n_words, and adds the fragment's windows."""
 
-    def __init__(self, model: ModelInfo | str, max_length: int, stride: int | None, details: bool, words: bool = False):
+    def __init__(self, model: ModelInfo | str, max_length: int, stride: int | None, details: bool, words: bool = False,
+                 output_uri: str | None = None, storage: StorageConfig | None = None):
         self.tokenizer = TextTokenizer(model, max_length, stride, details, words)
+        self.manifest = Manifest(Location.from_uri(output_uri, storage)) if output_uri else None
 
     @_guarded
     def __call__(self, payload: dict) -> dict:
+        if self.manifest:  # counts the tokenizer deaths a fragment causes (see runner._after_worker_deaths)
+            fragment = Fragment.from_json(payload["fragment"])
+            self.manifest.note_attempt(fragment.id, fragment.shard.source, fragment.start, fragment.rows, "tokenize")
+            faults.maybe_kill("tokenize", fragment.start)
         docs = read = table_from_bytes(payload["docs"])
         texts = docs["text"].to_pylist()
         try:
@@ -310,6 +326,8 @@ def _write(fragment: Fragment, payload: dict, job: JobSpec, location: Location) 
     manifest = Manifest(location, job.lease_generation)
     if job.lease_token:  # a run that lost the output writes nothing more into the manifest
         confirm_holder(location, job.lease_token)
+    manifest.note_attempt(fragment.id, fragment.shard.source, fragment.start, fragment.rows, "write")
+    faults.maybe_kill("write", fragment.start)
     manifest.begin_writing(fragment.id, [path for path, _ in parts] + [index_file] +
                            ([quarantine_file] if quarantine_file else []))
     for path, part in parts:

@@ -201,18 +201,33 @@ class TextTokenizer:
         A long text is first cut after the last whitespace within CHARS_PER_TOKEN * max_length
         characters (a list of words after its first max_length words). Pre-tokenizers split words
         at whitespace, so the words before the cut give the same tokens as in the whole text; if
-        the prefix still overflows max_length, its first window is the whole text's. A prefix that
-        does not overflow, or a text with no whitespace to cut at, is tokenized whole.
+        the prefix still overflows max_length, its first window is the whole text's. A long text
+        with no whitespace to cut at, or whose prefix does not overflow (a word, a space and 12 MB
+        of dots), is cut at that many characters and at twice as many: when both prefixes overflow and agree, the cut lies past max_length
+        tokens and changed none of them. Otherwise the text is tokenized whole (a tokenizer needs
+        some hundred bytes per character: that is the memory this saves).
         """
+        limit = CHARS_PER_TOKEN * self.max_length
         if self.words:
             cut = [words[: self.max_length] for words in texts]
         else:
-            cut = [_prefix_at_whitespace(text, CHARS_PER_TOKEN * self.max_length) for text in texts]
+            cut = [_prefix_at_whitespace(text, limit) for text in texts]
         encodings = self._batch(cut)
         for i, (prefix, text, encoding) in enumerate(zip(cut, texts, encodings)):
-            if len(prefix) < len(text) and not encoding.overflowing:
-                encodings[i] = self.backend.encode(text, is_pretokenized=self.words)
+            if self.words:
+                if len(prefix) < len(text) and not encoding.overflowing:
+                    encodings[i] = self.backend.encode(text, is_pretokenized=True)
+            elif len(text) > limit and (len(prefix) == len(text) or not encoding.overflowing):
+                encodings[i] = self._unbroken(text, limit)
         return encodings
+
+    def _unbroken(self, text: str, limit: int):
+        """The truncated encoding of a long text without whitespace to cut at (see `_encode_truncated`)."""
+        short, longer = self._batch([text[:limit], text[:2 * limit]])
+        if short.overflowing and longer.overflowing and short.ids == longer.ids and \
+                short.type_ids == longer.type_ids:
+            return short
+        return self.backend.encode(text)
 
     def _batch(self, texts: list[str]) -> list:
         """encode_batch, without character offsets when nothing needs them (tokenizers'

@@ -239,6 +239,22 @@ def test_the_final_norm_on_a_cut_layer_is_caught(name):
     assert np.abs(ours - want).max() > 1e-3
 
 
+def test_long_documents_without_whitespace_get_autotokenizers_first_window(arch):
+    """strata tokenizes a long text from prefixes (tokenize.TextTokenizer._encode_truncated): for
+    every tokenizer family (WordPiece, byte-level BPE, Unigram, ...) the window must be the one
+    AutoTokenizer gives the whole text."""
+    from pipeline.tokenize import CHARS_PER_TOKEN, TextTokenizer
+
+    info = resolve_model(ModelConfig(name_or_path=str(folder_of(arch))))
+    tokenizer, reference = TextTokenizer(info, LIMIT), reference_of(arch).tokenizer
+    n = 3 * CHARS_PER_TOKEN * LIMIT
+    documents = ["word " + "." * n, "word" + "." * n, "ab" * n, "日本語" * n, "=" * n, "🙂" * n, "e\u0301" * n,
+                 "a, " * n, "x" * n]
+    got = tokenizer.encode(documents)
+    for i, (ids, text) in enumerate(zip(np.split(got.ids, np.cumsum(got.lengths)[:-1]), documents)):
+        assert ids.tolist() == reference(text, truncation=True, max_length=LIMIT)["input_ids"], (arch, text[:12])
+
+
 def test_token_type_ids_the_tokenizer_makes_reach_the_model():
     ours, want = cut_vectors("bert-typed", lambda embedder, windows: None)
     np.testing.assert_allclose(ours, want, atol=ATOL)

@@ -128,6 +128,35 @@ def test_a_fragment_that_keeps_killing_its_replica_is_recorded_and_the_rest_fini
     assert len(ids) == 20 and len(set(ids)) == 20
 
 
+@pytest.mark.parametrize("step, doing", [("read", "reading it"), ("tokenize", "tokenizing it"),
+                                         ("write", "writing it")])
+def test_a_fragment_or_shard_that_keeps_killing_any_step_is_recorded_and_the_rest_finishes(small_run, tmp_path,
+                                                                                            step, doing):
+    """Not only the model replica: a document that kills the tokenizer (12 MB of dots), a line that
+    kills its read task (a 4 GiB line in a small gzip), a write that dies. Each kills its worker
+    every time; the run records it with the step and goes on, and never retries without end."""
+    cfg, out = small_run
+    (tmp_path / "in" / "t.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "text": f"short text {i}"}) + "\n"
+                                                    for i in range(3)))
+    failed = cli_run(cfg, f"kill-{step}-at:15")  # s.jsonl's fragment of rows 15..19; t.jsonl has 3 rows
+    assert failed.returncode == 1
+    last = failed.stderr.strip().splitlines()[-1]
+    what = "0 fragments and 1 shard" if step == "read" else "1 fragment and 0 shards"
+    assert last.startswith(f"error: {what} could not be embedded (s.jsonl: its worker process died 3 times "
+                           f"while {doing}"), last
+    ids = ids_in(out)
+    assert len(ids) == len(set(ids)) and {f"t{i}" for i in range(3)} <= set(ids)  # the other shard is whole
+    assert len(ids) == (23 - 5 if step != "read" else len(ids)) and len(ids) >= 3
+    status = json.loads(subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(out), "--json"],
+                                       capture_output=True, text=True, timeout=120).stdout)
+    assert (status["shards_failed"], status["fragments_failed"]) == ((1, 0) if step == "read" else (0, 1))
+    if step == "read":
+        resumed = cli_run(cfg, "")
+        assert resumed.returncode == 0, resumed.stderr
+        ids = ids_in(out)
+        assert len(ids) == 23 and len(set(ids)) == 23
+
+
 def test_documents_the_tokenizer_rejects_are_quarantined_and_the_rest_tokenized(model_info, tmp_path):
     source = tmp_path / "s.jsonl"
     source.write_text("\n".join(json.dumps({"id": str(i), "text": t}) for i, t in

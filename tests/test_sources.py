@@ -271,3 +271,50 @@ def test_ids_that_are_not_strings_read_as_json_text(tmp_path: Path):
     path.write_text(lines(*({"id": value, "text": "t"} for value in (7, 2.5, True, {"a": 1}, [1, "x"]))))
     [part] = read_all(path, [(0, 5)])
     assert part.docs["id"].to_pylist() == ["7", "2.5", "true", '{"a": 1}', '[1, "x"]']
+
+
+def test_lines_are_read_within_a_bound_whatever_their_length():
+    """bounded_lines splits as count_rows counts (a last line without newline counts), and gives an
+    over-long line as its length, for any chunking."""
+    import io
+    import random
+
+    from pipeline.sources import bounded_lines
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        lines = [bytes(rng.choice(b"ab\r ") for _ in range(rng.choice([0, 1, 3, 7, 20])))
+                 for _ in range(rng.randint(0, 12))]
+        data = b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b"")
+        limit, chunk = rng.randint(1, 12), rng.randint(1, 9)
+        expected = data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n") if data else []
+        assert list(bounded_lines(io.BytesIO(data), limit, chunk)) == \
+            [line if len(line) <= limit else len(line) for line in expected], (data, limit, chunk)
+
+
+def test_a_line_longer_than_max_line_bytes_is_quarantined_with_its_length_without_being_held(tmp_path):
+    """A small gzip shard can hold a line of gigabytes (a 4 GiB line killed every read task): such a
+    line is quarantined with its length, its bytes never held, and the rows around it are read."""
+    import tracemalloc
+
+    from pipeline.sources import read_fragments
+
+    long_line = 48 * 1024 * 1024
+    path = tmp_path / "s.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"id": "a", "text": "before"}\n')
+        f.write(b'{"id": "b", "text": "' + b"x" * long_line + b'"}\n')
+        f.write(b'{"id": "c", "text": "after"}\n')
+    cfg = InputConfig(uri=str(path), max_line_bytes="1MiB")
+    shard = list_shards(cfg)[0]
+    tracemalloc.start()
+    try:
+        (_, end, last, rows), = read_fragments(fsspec.filesystem("file"), shard, 10, cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (end, last) == (3, True) and rows.docs["id"].to_pylist() == ["a", "c"]
+    assert [(q["id"], q["row"], q["reason"]) for q in rows.quarantine] == [
+        ("s.jsonl.gz#1", 1, f"a line of {long_line + 23:,} bytes, longer than input.max_line_bytes (1,048,576): "
+                            "not read into memory")]
+    assert peak < 8 * 1024 * 1024  # the line is 48 MiB

@@ -22,6 +22,9 @@ def test_cutting_long_texts_changes_no_token(tokenizer):
         "x" * (limit * 2),  # no whitespace to cut at: tokenized whole (one [UNK] for BERT)
         "start" + " " * (limit + 10) + "word " * 500,  # the prefix fits in one window: tokenized whole
         "Zürich naïve café " * 2000, "日本語のテキストです。" * 2000, "tab\tseparated\nlines " * 2000,
+        # no whitespace to cut at, or a prefix that does not overflow: cut twice, and the cuts agree
+        "word " + "." * (limit * 3), "word" + "." * (limit * 3), "a," * (limit * 2), "😀" * (limit * 2),
+        "e\u0301" * (limit * 2), "https://example.com/" + "a/b?c=d&" * limit,
     ]
     assert all(len(t) > limit for t in texts)
     cut = tokenizer._encode_truncated(texts)
@@ -30,7 +33,35 @@ def test_cutting_long_texts_changes_no_token(tokenizer):
         assert (c.ids, c.offsets, c.word_ids, c.special_tokens_mask) == (w.ids, w.offsets, w.word_ids,
                                                                          w.special_tokens_mask)
         assert bool(c.overflowing) == bool(w.overflowing)  # the truncated flag
-    assert sum(bool(w.overflowing) for w in whole) == len(texts) - 1
+    # one [UNK] each for BERT's WordPiece (words past 100 characters): "x"s, emoji, accents stripped to "e"s
+    assert sum(bool(w.overflowing) for w in whole) == len(texts) - 3
+
+
+def test_a_huge_unbroken_document_is_tokenized_from_a_prefix_not_whole(tokenizer):
+    """12 MB of one word and dots made the tokenizer allocate ~6 GB (about 500 bytes per character)
+    and killed its worker. Its first window comes from prefixes of a few thousand characters now:
+    the backend never sees the whole text."""
+    text = "word " + "." * 12_000_000
+    seen = []
+    real = tokenizer.backend
+
+    class Watched:  # the real tokenizer, with the length of every text it is given written down
+        def __getattr__(self, name):
+            method = getattr(real, name)
+
+            def call(texts, *args, **kwargs):
+                seen.extend(len(t) for t in (texts if isinstance(texts, list) else [texts]))
+                return method(texts, *args, **kwargs)
+
+            return call
+
+    tokenizer.backend = Watched()
+    try:
+        windows = tokenizer.encode([text])
+    finally:
+        tokenizer.backend = real
+    assert max(seen) <= 2 * CHARS_PER_TOKEN * tokenizer.max_length
+    assert windows.ids.tolist() == real.encode(text[:100_000]).ids and windows.truncated.tolist() == [True]
 
 
 def test_a_max_length_with_no_room_for_text_is_refused(model_info):
