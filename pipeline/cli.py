@@ -506,6 +506,7 @@ def main() -> None:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _interrupt)
+    sys.unraisablehook = _quiet_stops
     errors.clear_stops()
     try:
         code = app(standalone_mode=False)
@@ -541,6 +542,14 @@ def _stdout_failed(exc: OSError) -> bool:
 
     return any(frame.filename.endswith(("rich/console.py", "rich/file_proxy.py")) or frame.name == "print"
                for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def _quiet_stops(unraisable) -> None:
+    """A stop that lands in a finalizer (a weakref callback, `__del__`) cannot unwind from there;
+    Python would print it as "Exception ignored ... Traceback". The run loop raises it again
+    (`errors.raise_if_stopped`), so say nothing here; anything else is printed as usual."""
+    if not isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
+        sys.__unraisablehook__(unraisable)
 
 
 def _terminate(signum, frame) -> None:

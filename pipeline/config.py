@@ -279,7 +279,7 @@ class RunConfig(_Strict):
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Share of docs that may be quarantined")
     lease_ttl: float = Field(
         60.0, ge=2, le=3600, description="Seconds a run may leave its lease on the output unrenewed (it renews every "
-        "quarter of this) before another run may take the output over; raise it for slow object stores")
+        "sixth of this) before another run may take the output over; raise it for slow object stores")
     mode: Literal["once", "incremental"] = Field(
         "once", description="once = the output embeds the input once (version 1; a rerun resumes it and refuses a "
         "changed input); incremental = each run publishes a new version, embedding only what changed")

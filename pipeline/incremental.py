@@ -37,6 +37,7 @@ class DiffTask:
     shard: Shard | None  # None: the shard is gone from the input
     old_fragments: tuple[str, ...]  # the previous version's fragments of this shard
     changes_file: str  # where its changes go, relative to the output root
+    old_hashes: tuple[str, ...] = ()  # their hash index files (manifest.hash_file_of); () for by id
 
 
 def changes_name(source: str) -> str:
@@ -58,7 +59,7 @@ def diff_shard(task: DiffTask, cfg: InputConfig, output_uri: str, storage: Stora
             compared = done.pop("shard_version", "")
             if task.shard is None or (shard_version and compared == shard_version):
                 return {"source": task.source, **done, "error": ""}
-        old = _old_index(location, task.old_fragments)
+        old = _old_index(location, task.old_fragments, task.old_hashes)
         new, rows = _new_index(task.shard, cfg, storage, kept) if task.shard else (INDEX_SCHEMA.empty_table(), 0)
         changes = diff(old, new)
         counts = {**count_changes(changes), "rows": rows}
@@ -70,10 +71,9 @@ def diff_shard(task: DiffTask, cfg: InputConfig, output_uri: str, storage: Stora
     return {"source": task.source, **counts, "error": ""}
 
 
-def _old_index(location: Location, fragments: tuple[str, ...]) -> pa.Table:
+def _old_index(location: Location, fragments: tuple[str, ...], hashes: tuple[str, ...] = ()) -> pa.Table:
     parts = []
-    for fragment in fragments:
-        path = f"{HASHES_DIR}/{fragment}.parquet"
+    for fragment, path in zip(fragments, hashes or [f"{HASHES_DIR}/{f}.parquet" for f in fragments]):
         if not location.exists(path):
             raise OutputError(f"fragment {fragment} of the previous version has no hash index ({path}); it was "
                               "made by an older strata: embed into a new output.uri")

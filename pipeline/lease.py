@@ -15,11 +15,12 @@ changes anything, the way storage systems elect one writer:
   machine (same boot and pid namespace, so one clock and one pid space) a holder whose process
   is gone is taken over at once.
 - Each take-over adds one to the lease `generation`: the fencing token, recorded in every write
-  journal, commit record and version. The holder renews every TTL/4; a renewal that finds the
+  journal, commit record and version. The holder renews every TTL/6; a renewal that finds the
   lease changed means another run took over: this run is fenced (`check` raises LeaseLost) and
   changes nothing more. The driver's Location calls `check` before every write and removal, and
   a run whose last confirmed renewal is older than TTL/2 renews before it may change anything,
-  so it stops before another run could have waited out the TTL. Workers confirm the lease
+  so it stops before another run could have waited out the TTL; so does a run whose renewal left
+  the lease unchanged for over TTL/2 (a store too slow for its TTL). Workers confirm the lease
   (`confirm_holder`) before writing a fragment's journal and its commit record.
 - A run that ends marks the lease released (keeping its generation) rather than deleting it.
 
@@ -44,7 +45,7 @@ from typing import Callable
 import psutil
 
 from pipeline.errors import OutputError, StrataError
-from pipeline.manifest import LEASE_FILE, record_from
+from pipeline.manifest import LEASE_FILE, RUN_FILE, record_from
 from pipeline.storage import Conflict, Location
 
 TTL_S = 60.0  # a holder whose lease stays unchanged this long (watched here) is gone; run.lease_ttl
@@ -97,7 +98,7 @@ def this_machine() -> str:
 class Lease:
     def __init__(self, location: Location, ttl: float = TTL_S, watch_every: float = WATCH_EVERY_S):
         self.location, self.ttl, self.watch_every = location, ttl, watch_every
-        self.renew_every = ttl / 4
+        self.renew_every = ttl / 6  # leaves a renewal TTL/3 to land before `_renew_once` calls it too slow
         now = time.time()
         self.holder = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now,
                              machine=this_machine(), ttl=ttl)
@@ -128,7 +129,8 @@ class Lease:
                 raise OutputBusy(f"output {self.location.uri()} is being written by another run "
                                  f"({current.describe()}); two runs on one output redo each other's work: wait "
                                  "for it, or stop it first")
-            if self._take(tag, max(current.generation if current else 0, _generation_in(data)) + 1):
+            floor = _generation_in(self.location.read_optional(RUN_FILE))  # a lease removed or damaged by hand
+            if self._take(tag, max(current.generation if current else 0, _generation_in(data), floor) + 1):
                 self._renewer = threading.Thread(target=self._renew, name="strata-lease", daemon=True)
                 self._renewer.start()
                 return
@@ -224,7 +226,14 @@ class Lease:
                     self.lost = taken_over(self.location, found[0] if found else None)
                     return
                 self._tag = found[1]
+            still = time.monotonic() - self._confirmed  # how long the lease may have looked unchanged
             self.holder, self._confirmed = holder, started
+            if still > self.ttl / 2:  # a store this slow lets another run take the output at any moment
+                self.lost = LeaseLost(
+                    f"renewing the lease on {self.location.uri()} took {time.monotonic() - started:.0f} s, and it "
+                    f"stood unrenewed for up to {still:.0f} s of run.lease_ttl {self.ttl:.0f} s: another run could "
+                    "take the output over at any moment, so this run stops here and changes nothing more (committed "
+                    "fragments are kept); raise run.lease_ttl for a store this slow")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):
@@ -244,9 +253,8 @@ def taken_over(location: Location, data: bytes | None) -> LeaseLost:
     other = holder_of(data)
     who = f"another run ({other.describe()}, lease generation {other.generation})" if other else \
         "another process (the lease was removed or replaced)"
-    return LeaseLost(f"output {location.uri()} was taken over by {who} while this run's lease went unrenewed; "
-                     "this run stops and changes nothing more (its committed fragments stay for the run "
-                     "that holds the output now)")
+    return LeaseLost(f"output {location.uri()} was taken over by {who}; this run stops and changes nothing more "
+                     "(its committed fragments stay for the run that holds the output now)")
 
 
 def confirm_holder(location: Location, token: str) -> None:
@@ -286,9 +294,11 @@ def holder_of(data: bytes | None) -> Holder | None:
 
 
 def _generation_in(data: bytes | None) -> int:
-    """The generation a damaged lease still shows, so fencing tokens keep growing; 0 if none."""
+    """The generation a lease (even a damaged one) or run.json (`lease_generation`) shows, so fencing
+    tokens keep growing; 0 if none (or a negative one)."""
     try:
-        value = json.loads(data or b"null").get("generation", 0)
+        raw = json.loads(data or b"null")
+        value = raw.get("generation", raw.get("lease_generation", 0))
     except (ValueError, AttributeError, UnicodeDecodeError):
         return 0
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return max(value, 0) if isinstance(value, int) and not isinstance(value, bool) else 0

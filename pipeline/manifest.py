@@ -74,6 +74,7 @@ class CommitRecord:
     last: bool = False  # the shard's last fragment: the shard ends at `end`
     truncated: int = 0  # of `docs`, documents cut at max_length
     lease_generation: int = 0  # the fencing token of the run that committed it (lease.py); 0: before leases had one
+    hash_file: str = ""  # its hash index; "" for `_manifest/hashes/<fragment>.parquet` (see `hash_file_of`)
 
     @property
     def embedded(self) -> int:
@@ -273,7 +274,7 @@ class Manifest:
             if self.location.exists(FRAGMENTS_DIR, f"{record.fragment}.json"):
                 self.location.remove(FRAGMENTS_DIR, f"{record.fragment}.json")
             paths = [*record.files, *([record.quarantine_file] if record.quarantine_file else []),
-                     f"{HASHES_DIR}/{record.fragment}.parquet"]
+                     hash_file_of(record)]
             for path in paths:
                 if self.location.exists(path):
                     self.location.remove(path)
@@ -341,6 +342,20 @@ class Manifest:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         self.location.write_bytes(sink.getvalue(), INDEX_DIR, f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
+
+
+def file_stem(fragment: str, generation: int) -> str:
+    """The name its files take when a run of lease `generation` writes `fragment`: the generation
+    is part of it, so a run that lost the output (or a request of a dead run still in flight)
+    can only ever remove files of its own generation, never the ones a newer run wrote in their
+    place (outside round: a delayed DELETE removed a file of the published version). Without a
+    lease (direct calls in tests) the fragment id alone, as before generations existed."""
+    return f"{fragment}-g{generation}" if generation else fragment
+
+
+def hash_file_of(record: CommitRecord) -> str:
+    """Where a committed fragment's hash index is (records made before `hash_file` existed: by id)."""
+    return record.hash_file or f"{HASHES_DIR}/{record.fragment}.parquet"
 
 
 def _generation(journal: dict) -> int:

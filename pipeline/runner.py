@@ -28,6 +28,7 @@ from pipeline.fragments import own_records, shard_failure_id, to_read, unfinishe
 from pipeline.incremental import DiffTask, changes_name
 from pipeline.lease import Lease, OutputBusy
 from pipeline.manifest import (FRAGMENTS_DIR, HASHES_DIR, RUN_FILE, CommitRecord, FailureRecord, Manifest, check_output_folder,
+                               hash_file_of,
                                check_writable)
 from pipeline.model import ModelInfo, check_model_folder, resolve_model
 from pipeline.output import file_metadata
@@ -178,6 +179,7 @@ def run_record(plan: Plan) -> dict:
         "plan": {"version": plan.version, "kind": plan.kind, "fragments": None, "rows": None,
                  "carried_fragments": len(plan.carried), "shards": plan.work.num_rows + len(plan.carried_shards),
                  "shards_to_read": plan.work.num_rows, "bytes_to_read": int(pc.sum(plan.work["size"]).as_py() or 0)},
+        "lease_generation": plan.lease_generation,  # the next run's lease takes a higher one, whatever lease.json says
         "keep_types": {f.name: str(f.type) for f in plan.keep_schema or []},
         "keep_schema": base64.b64encode(plan.keep_schema.serialize().to_pybytes()).decode()
         if plan.keep_schema is not None else None,
@@ -327,7 +329,7 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
 
 def _files_of(record: CommitRecord) -> list[str]:
     """Every file of a committed fragment: its commit record, data, quarantine and hash index files."""
-    return [f"{FRAGMENTS_DIR}/{record.fragment}.json", *record.files, f"{HASHES_DIR}/{record.fragment}.parquet",
+    return [f"{FRAGMENTS_DIR}/{record.fragment}.json", *record.files, hash_file_of(record),
             *([record.quarantine_file] if record.quarantine_file else [])]
 
 
@@ -371,11 +373,13 @@ def _diff(plan: Plan, current: versions.Snapshot, gone: list[str], console: Cons
     shard); a shard that cannot be compared leaves the work with its failure."""
     from pipeline import ray_pipeline
 
-    old = {}
+    old, hashes = {}, {}
     for record in current.fragments:
         old.setdefault(record.source, []).append(record.fragment)
+        hashes.setdefault(record.source, []).append(hash_file_of(record))
     folder = versions.changes_dir(plan.version)
-    tasks = [DiffTask(source, shard, tuple(old.get(source, ())), f"{folder}/{changes_name(source)}")
+    tasks = [DiffTask(source, shard, tuple(old.get(source, ())), f"{folder}/{changes_name(source)}",
+                      tuple(hashes.get(source, ())))
              for source, shard in [(s.source, s) for s in shards_of(plan.work)] + [(source, None) for source in gone]]
     totals = {kind: 0 for kind in KINDS}
     plan.changes = totals

@@ -31,7 +31,7 @@ from pipeline.errors import InputError, StrataError, one_line
 from pipeline.changes import content_hashes, index_table
 from pipeline.incremental import carried_rows, changes_name, read_changes, split_by_changes
 from pipeline.lease import LeaseLost, confirm_holder
-from pipeline.manifest import HASHES_DIR, CommitRecord, FailureRecord, Manifest
+from pipeline.manifest import HASHES_DIR, CommitRecord, FailureRecord, Manifest, file_stem
 from pipeline.model import ModelInfo, local_model_path
 from pipeline.output import output_table, parquet_bytes, partition_files, quarantine_table, row_table
 from pipeline.sources import QUARANTINE_TEXT_CHARS, Shard, read_fragments, shown_text
@@ -319,10 +319,11 @@ def _write(fragment: Fragment, payload: dict, job: JobSpec, location: Location) 
     if carried.num_rows:
         order = [("row", "ascending")] + ([("window", "ascending")] if "window" in rows.column_names else [])
         rows = pa.concat_tables([rows, carried]).sort_by(order)
-    parts = partition_files(rows, job.partition_by, fragment.id)
+    stem = file_stem(fragment.id, job.lease_generation)  # a newer run never writes these names again
+    parts = partition_files(rows, job.partition_by, stem)
     quarantine = table_from_bytes(payload["quarantine"])
-    quarantine_file = f"quarantine/{fragment.id}.parquet" if quarantine.num_rows else None
-    index_file = f"{HASHES_DIR}/{fragment.id}.parquet"
+    quarantine_file = f"quarantine/{stem}.parquet" if quarantine.num_rows else None
+    index_file = f"{HASHES_DIR}/{stem}.parquet"
     manifest = Manifest(location, job.lease_generation)
     if job.lease_token:  # a run that lost the output writes nothing more into the manifest
         confirm_holder(location, job.lease_token)
@@ -359,6 +360,7 @@ def _write(fragment: Fragment, payload: dict, job: JobSpec, location: Location) 
         last=fragment.last,
         truncated=int(pc.sum(rows["truncated"]).as_py() or 0),
         lease_generation=job.lease_generation,
+        hash_file=index_file if stem != fragment.id else "",
     )
     if job.lease_token:
         confirm_holder(location, job.lease_token)

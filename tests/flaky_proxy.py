@@ -7,7 +7,7 @@ says: "fail" answers the fault, "lose" forwards the request and answers the faul
 the server's reply (the server acted, the client was told it failed). `only` (method, path)
 confines faults and counting to those requests; the rest, and all others, pass through.
 `delay` seconds are waited before forwarding every `delay_every`-th request (every one by
-default): a store that answers slowly.
+default; only those `only` names, when given): a store that answers slowly.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class FlakyProxy:
                 if todo == "fail":
                     proxy.failed += 1
                     return self._answer(fault.status, [("Content-Type", fault.content_type)], fault.body)
-                if delay and n_all % delay_every == 0:
+                if delay and n_all % delay_every == 0 and (only is None or (self.command, self.path) == only):
                     time.sleep(delay)
                 answer = self._upstream(body)
                 if todo == "lose":

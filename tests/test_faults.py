@@ -150,11 +150,7 @@ def test_a_fragment_or_shard_that_keeps_killing_any_step_is_recorded_and_the_res
     status = json.loads(subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(out), "--json"],
                                        capture_output=True, text=True, timeout=120).stdout)
     assert (status["shards_failed"], status["fragments_failed"]) == ((1, 0) if step == "read" else (0, 1))
-    if step == "read":
-        resumed = cli_run(cfg, "")
-        assert resumed.returncode == 0, resumed.stderr
-        ids = ids_in(out)
-        assert len(ids) == 23 and len(set(ids)) == 23
+    assert status["failures"][0]["reason"].startswith(f"its worker process died 3 times while {doing}")
 
 
 def test_documents_the_tokenizer_rejects_are_quarantined_and_the_rest_tokenized(model_info, tmp_path):

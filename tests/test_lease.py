@@ -218,6 +218,63 @@ def test_a_run_that_cannot_renew_for_half_its_ttl_stops_before_another_could_tak
     assert not s3_output().exists("data", "b.parquet")
 
 
+def test_a_run_whose_renewals_are_too_slow_for_its_ttl_stops_and_says_to_raise_it(s3_output, moto_endpoint):
+    """Lease PUTs that take longer than the TTL allows leave the lease unchanged long enough for
+    another run to take over: the holder stops at once instead of committing on (outside round)."""
+    from flaky_proxy import FlakyProxy
+
+    from pipeline.config import StorageConfig
+
+    path = "/" + s3_output().path(LEASE_FILE)
+    with FlakyProxy(moto_endpoint, delay=2.5, only=("PUT", path)) as slow:
+        mine = Lease(Location.from_uri(s3_output().uri(), StorageConfig(endpoint_url=slow.url)), ttl=3)
+        mine.acquire()
+        deadline = time.monotonic() + 20
+        while mine.lost is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(LeaseLost, match=r"renewing the lease on s3://.* took 3 s, and it stood unrenewed for up "
+                                            r"to \d+ s of run.lease_ttl 3 s: .*raise run.lease_ttl"):
+            mine.fenced(s3_output()).write_bytes(b"late", "data", "x.parquet")
+        mine.release()
+    assert not s3_output().exists("data", "x.parquet")
+
+
+@pytest.mark.parametrize("lease", ["{garbage", None, '{"generation": -5}'])
+def test_the_fencing_token_never_goes_back(tmp_path, lease):
+    """A lease file damaged, removed or set back by hand: run.json still says which generation ran last."""
+    out = location(tmp_path)
+    (tmp_path / "out" / "_manifest" / "run.json").write_text(json.dumps({"lease_generation": 7}))
+    if lease is not None:
+        (tmp_path / "out" / LEASE_FILE).write_text(lease)
+    with Lease(out) as taken:
+        taken.acquire()
+        assert taken.generation == 8
+
+
+def test_a_stop_that_lands_in_a_finalizer_prints_no_traceback(capsys):
+    """SIGTERM raised inside a weakref callback printed "Exception ignored ... Traceback": the run
+    loop raises the stop again, so the CLI says nothing there; other unraisable errors still show."""
+    from pipeline.cli import _quiet_stops
+    from pipeline.errors import Terminated
+
+    class Finalized:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    before, sys.unraisablehook = sys.unraisablehook, _quiet_stops
+    try:
+        Finalized(Terminated())  # dropped at once: its __del__ raises where nothing can catch it
+        Finalized(KeyboardInterrupt())
+        assert capsys.readouterr().err == ""
+        Finalized(ValueError("a real one"))
+    finally:
+        sys.unraisablehook = before
+    assert "a real one" in capsys.readouterr().err
+
+
 def test_files_a_newer_lease_generation_journals_are_never_removed(tmp_path):
     out = location(tmp_path)
     newer, older = Manifest(out, generation=3), Manifest(out, generation=2)
@@ -316,7 +373,7 @@ def test_two_hosts_with_skewed_clocks_on_a_slow_store_never_share_an_output(tmp_
         return write_config(tmp_path / f"{name}.yaml", input={"uri": str(corpus.parent)}, model={"max_length": 32},
                             outputs=[{"name": "v", "layers": [-1], "pooling": "mean"}],
                             batching={"fragment_docs": 5}, output={"uri": out.uri()},
-                            storage={"endpoint_url": endpoint}, run={"lease_ttl": 6})
+                            storage={"endpoint_url": endpoint}, run={"lease_ttl": 10})
 
     def as_host(host, skew, cfg, **kwargs):
         return subprocess.Popen([sys.executable, str(ROOT / "tests" / "as_host.py"), host, str(skew), "run", str(cfg)],
@@ -351,6 +408,10 @@ def test_two_hosts_with_skewed_clocks_on_a_slow_store_never_share_an_output(tmp_
     assert "on host-b" in last and "lease generation 2" in last and "Traceback" not in a_err
     snapshot = json.loads(out.read_bytes("_manifest", "versions", "00000001.json"))
     assert snapshot["lease_generation"] == 2
+    for record in snapshot["fragments"]:  # each file names the generation that wrote it: a late request of
+        assert record["lease_generation"] in (1, 2)  # A's (a delete in flight) can never hit one of B's files
+        assert all(f.endswith(f"-g{record['lease_generation']}.parquet") for f in record["files"])
+        assert record["hash_file"].endswith(f"-g{record['lease_generation']}.parquet")
     rows = []
     for path in snapshot["files"]:  # every file version 1 lists is there, whole
         with out.fs.open(out.path(path), "rb") as f:

@@ -20,6 +20,7 @@ import torch
 from pipeline.config import OutputSpec, parse_config
 from pipeline.embedder import Embedder
 from pipeline.errors import InputError, OutputError
+from pipeline.lease import LeaseLost
 from pipeline.spec import EmbedSettings, resolve_output
 from pipeline.runner import RunFailed, run
 from pipeline.tokenize import TextTokenizer
@@ -184,7 +185,8 @@ def test_once_mode_refuses_a_changed_input_and_an_unfinished_version_follows_it(
     edited_id = json.loads(original.splitlines()[2])["id"]
     edited = original.replace(json.loads(original.splitlines()[2])["text"][:20], "an edited opening....", 1)
     (corpus / "s1.jsonl").write_text(edited)  # same rows, other text: only the shard's version tells
-    manifest_files = lambda: {p: p.read_bytes() for p in (out / "_manifest").rglob("*") if p.is_file()}
+    manifest_files = lambda: {p: p.read_bytes() for p in (out / "_manifest").rglob("*")  # the lease is taken and
+                              if p.is_file() and p.name != "lease.json"}  # released: the rest stays as it was
     before = manifest_files()
     with pytest.raises(InputError, match=r"input changed since version 1 .*: 2 shards new, edited or deleted "
                                          r"\(s1.jsonl, s2.jsonl\); `strata run --incremental` embeds only what changed"):
@@ -314,7 +316,9 @@ def test_a_version_is_never_published_with_files_that_are_gone(ray_cluster, tmp_
     deleter = threading.Thread(target=delete_after_two_commits)
     deleter.start()
     try:
-        with pytest.raises(RunFailed, match=r"not published: .* gone from the output|could not be embedded"):
+        # the run finds the files gone at publishing, or its lease gone with them as it renews
+        with pytest.raises((RunFailed, LeaseLost), match=r"not published: .* gone from the output|could not be "
+                                                         r"embedded|the lease was removed or replaced"):
             run(cfg)
     finally:
         stop.set()
