@@ -260,7 +260,8 @@ def taken_over(location: Location, data: bytes | None) -> LeaseLost:
 def confirm_holder(location: Location, token: str) -> None:
     """For workers, before a journal or commit record: LeaseLost unless the output's lease still
     names the run `token` (one GET)."""
-    data = location.read_optional(LEASE_FILE)
+    found = location.read_tagged(LEASE_FILE)  # one GET (S3: no HEAD first)
+    data = found[0] if found else None
     holder = holder_of(data)
     if holder is None or holder.token != token or holder.released:
         raise taken_over(location, data)

@@ -226,9 +226,9 @@ class Manifest:
         return most
 
     def clear_attempts(self) -> None:
-        for name in self.location.list_names(ATTEMPTS_DIR):
-            if _ATTEMPT.match(name) or temp_target(name):
-                self.location.remove(ATTEMPTS_DIR, name)
+        """Remove the attempt markers (several per fragment): in batches, one request per 1,000 on S3."""
+        self.location.remove_many([f"{ATTEMPTS_DIR}/{name}" for name in self.location.list_names(ATTEMPTS_DIR)
+                                   if _ATTEMPT.match(name) or temp_target(name)])
 
     def remove_unfinished(self) -> list[str]:
         """Delete what a run that died midway left behind, so that a reader of data/ never sees a
