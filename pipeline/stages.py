@@ -299,10 +299,12 @@ def write_fragment(payload: dict, job: JobSpec) -> CommitRecord | FailureRecord:
             payload = {**payload, "error": f"writing it: {_describe(exc)}"}
     failure = FailureRecord(fragment.id, fragment.shard.source, payload["error"],
                             None if payload["shard_failed"] else fragment.rows)
-    if job.lease_token:
-        confirm_holder(location, job.lease_token)
     try:
+        if job.lease_token:  # a run that lost the output records nothing more
+            confirm_holder(location, job.lease_token)
         Manifest(location).fail(failure)
+    except LeaseLost:
+        raise
     except Exception:  # noqa: BLE001 - the output itself is failing: the driver reports it
         pass
     return failure
