@@ -11,6 +11,8 @@ records; documents only ever live inside the Ray stages.
 from __future__ import annotations
 
 import base64
+import posixpath
+import re
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -296,7 +298,7 @@ def _run_holding_the_output(config: StrataConfig, resolved, location: Location, 
     open_shards = unfinished(plan.work, list(mine.values()))
     records = plan.carried + list(mine.values())
     summary = summarize(plan, records, this_run, failed, time.monotonic() - started, complete=not open_shards)
-    lost = _lost_files(manifest, records) if not failed and not open_shards else []
+    lost = _lost_files(manifest, records, plan) if not failed and not open_shards else []
     if not failed and not open_shards and not lost:
         if lease is not None:
             lease.check(renew=True)  # publish only what this run can prove it still holds
@@ -333,14 +335,39 @@ def _files_of(record: CommitRecord) -> list[str]:
             *([record.quarantine_file] if record.quarantine_file else [])]
 
 
-def _lost_files(manifest: Manifest, records: list[CommitRecord]) -> list[str]:
+def _lost_files(manifest: Manifest, records: list[CommitRecord], plan: Plan | None = None) -> list[str]:
     """The files of a version about to be published that are not in the output (a folder deleted
-    or changed by hand under the run): one listing per folder, not a request per file."""
+    or changed by hand under the run): one listing per folder, not a request per file. With the
+    plan, also removes the superseded files of this version's fragments (`superseded`)."""
     location = manifest.location
     present = set()
     for folder in ("data", "quarantine", FRAGMENTS_DIR, HASHES_DIR):
         present.update(location.find(folder))
+    if plan is not None:
+        for path in superseded(present, [r for r in records if r.version == plan.version], plan.lease_generation):
+            location.remove(path)
     return sorted(path for record in records for path in _files_of(record) if path not in present)
+
+
+_FILE_OF = re.compile(r"^(?P<fragment>.+?)(?:-g(?P<generation>\d+))?(?:-[0-9a-f]{8})?\.parquet$")
+
+
+def superseded(present: set[str], records: list[CommitRecord], generation: int) -> list[str]:
+    """Files an older lease generation wrote for fragments that this version's records now hold
+    with other files: a fragment recomputed after its commit record was lost (removed by hand), or
+    written late by a run that had lost the output. Their names prove strata wrote them (a
+    fragment id of this version, whose salt no other version shares, and an older generation),
+    and no version lists them: without removing them, `data/` read alone would hold those
+    documents twice."""
+    owned = {r.fragment: set(_files_of(r)) for r in records}
+    stale = []
+    for path in present:
+        match = _FILE_OF.match(posixpath.basename(path))
+        if not match or match["fragment"] not in owned or path in owned[match["fragment"]]:
+            continue
+        if int(match["generation"] or 0) < generation and path.split("/", 1)[0] in ("data", "quarantine", "_manifest"):
+            stale.append(path)
+    return sorted(stale)
 
 
 def _compare_with(plan: Plan, current: versions.Snapshot | None) -> list[str]:

@@ -420,3 +420,21 @@ def test_two_hosts_with_skewed_clocks_on_a_slow_store_never_share_an_output(tmp_
     counts = snapshot["counts"]
     assert counts["docs"] + counts["quarantined"] + counts["blank"] == counts["rows"] == 60
     assert current_holder(out) is None  # B released it; A never touched it
+
+
+def test_only_older_generations_files_of_this_versions_fragments_are_superseded():
+    """Names prove authorship: this version's fragment ids, an older generation, not in its record."""
+    from pipeline.runner import superseded
+
+    fid = "s0.jsonl-000000010-65e791c2d5b1"
+    record = CommitRecord(fid, "s0.jsonl", 10, 15, [f"data/source=s0.jsonl/{fid}-g3.parquet"], 5, 5, 0, 0, 9, 9, 0.1,
+                          lease_generation=3, hash_file=f"_manifest/hashes/{fid}-g3.parquet")
+    present = {f"data/source=s0.jsonl/{fid}-g3.parquet", f"_manifest/hashes/{fid}-g3.parquet",  # its own
+               f"data/source=s0.jsonl/{fid}.parquet", f"_manifest/hashes/{fid}.parquet",  # before generations
+               f"data/source=s0.jsonl/{fid}-g2-0badc0de.parquet", f"quarantine/{fid}-g1.parquet",  # older runs'
+               f"data/source=s0.jsonl/{fid}-g4.parquet",  # a newer generation's: never
+               "data/source=s0.jsonl/s0.jsonl-000000010-0123456789ab-g1.parquet",  # another version's fragment
+               "data/notes.parquet", "_manifest/index/00000000000000000001-0badc0de.parquet"}
+    assert superseded(present, [record], 3) == sorted([
+        f"data/source=s0.jsonl/{fid}.parquet", f"_manifest/hashes/{fid}.parquet",
+        f"data/source=s0.jsonl/{fid}-g2-0badc0de.parquet", f"quarantine/{fid}-g1.parquet"])
