@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import InputConfig, parse_config
 from pipeline.errors import InputError
-from pipeline.manifest import FRAGMENTS_DIR, INDEX_DIR, INDEX_FILES_MAX, CommitRecord, Manifest
+from pipeline.manifest import FRAGMENTS_DIR, INDEX_DIR, INDEX_FILES_MAX, CommitRecord, Manifest, hash_file_of
 from pipeline.runner import run
 from pipeline.sources import list_shards, read_fragments, select_listing
 from pipeline.storage import Location, open_fs
@@ -54,7 +54,7 @@ def unpublish(out: Path) -> None:
 def forget(out: Path, record: CommitRecord) -> None:
     """What a run killed before this fragment committed leaves: neither its record nor its files."""
     (out / FRAGMENTS_DIR / f"{record.fragment}.json").unlink()
-    for path in record.files + [f"_manifest/hashes/{record.fragment}.parquet"]:
+    for path in record.files + [hash_file_of(record)]:
         (out / path).unlink()
 
 
