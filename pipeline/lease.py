@@ -45,7 +45,7 @@ from typing import Callable
 import psutil
 
 from pipeline.errors import OutputError, StrataError
-from pipeline.manifest import LEASE_FILE, RUN_FILE, record_from
+from pipeline.manifest import LEASE_FILE, RUN_FILE, generation_of, record_from
 from pipeline.storage import Conflict, Location
 
 TTL_S = 60.0  # a holder whose lease stays unchanged this long (watched here) is gone; run.lease_ttl
@@ -295,11 +295,9 @@ def holder_of(data: bytes | None) -> Holder | None:
 
 
 def _generation_in(data: bytes | None) -> int:
-    """The generation a lease (even a damaged one) or run.json (`lease_generation`) shows, so fencing
-    tokens keep growing; 0 if none (or a negative one)."""
+    """The generation a lease file (even a damaged one) or run.json names (`manifest.generation_of`),
+    so fencing tokens keep growing; 0 if the bytes are not JSON."""
     try:
-        raw = json.loads(data or b"null")
-        value = raw.get("generation", raw.get("lease_generation", 0))
-    except (ValueError, AttributeError, UnicodeDecodeError):
+        return generation_of(json.loads(data or b"null"))
+    except (ValueError, UnicodeDecodeError):
         return 0
-    return max(value, 0) if isinstance(value, int) and not isinstance(value, bool) else 0

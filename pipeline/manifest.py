@@ -48,8 +48,8 @@ WRITE_PROBE = "_manifest/.write-probe"
 INDEX_DIR = "_manifest/index"  # compact copies of commit records, see above
 INDEX_FILES_MAX = 8  # index files before `fold` merges them into one
 _INDEX_FILE = re.compile(r"^\d{20}-[0-9a-f]{8}\.parquet$")
-STEPS = ("read", "tokenize", "embed", "write")
-_ATTEMPT = re.compile(r"^(?P<fragment>.+)\.(?:(?P<step>read|tokenize|embed|write)-)?[0-9a-f]{12}$")  # no step: embed
+STEPS = ("read", "tokenize", "embed", "write")  # the steps whose starts attempt markers count
+_ATTEMPT = re.compile(rf"^(?P<fragment>.+)\.(?:(?P<step>{'|'.join(STEPS)})-)?[0-9a-f]{{12}}$")  # no step: embed
 
 
 @dataclass
@@ -160,7 +160,7 @@ class Manifest:
             journal = read_json(self.location, f"{WRITING_DIR}/{fragment}.json", dict)
         except OutputError:
             return False
-        return _generation(journal) > self.generation
+        return generation_of(journal) > self.generation
 
     def commit(self, record: CommitRecord) -> None:
         self.location.write_bytes(record_bytes(record), FRAGMENTS_DIR, f"{record.fragment}.json")
@@ -245,7 +245,7 @@ class Manifest:
                 continue
             journal = f"{WRITING_DIR}/{name}"
             content = read_json(self.location, journal, dict)
-            if _generation(content) > self.generation:  # a newer run's: never ours to remove
+            if generation_of(content) > self.generation:  # a newer run's: never ours to remove
                 continue
             files = content.get("files", [])
             if fragment not in committed:
@@ -358,9 +358,13 @@ def hash_file_of(record: CommitRecord) -> str:
     return record.hash_file or f"{HASHES_DIR}/{record.fragment}.parquet"
 
 
-def _generation(journal: dict) -> int:
-    value = journal.get("lease_generation", 0)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+def generation_of(data: object) -> int:
+    """The lease generation a journal, run.json (`lease_generation`) or lease (`generation`) names;
+    0 for none, a negative one or anything that is not a JSON object."""
+    if not isinstance(data, dict):
+        return 0
+    value = data.get("generation", data.get("lease_generation", 0))
+    return max(value, 0) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def record_bytes(record: CommitRecord) -> bytes:

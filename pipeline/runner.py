@@ -578,9 +578,9 @@ def _after_worker_deaths(plan: Plan, manifest: Manifest, remaining: pa.Table, do
     for fragment, (step, times) in sorted(poisoned.items()):
         where = manifest.attempt(fragment)
         source, start, rows = str(where.get("source", "?")), where.get("start"), where.get("rows")
-        doing = {"read": "reading it", "tokenize": "tokenizing it", "embed": "embedding it",
-                 "write": "writing it"}[step]
-        reason = f"its worker process died {times} times while {doing} (killed for memory, or a crash in native code): {cause}"
+        doing = {"read": "reading", "tokenize": "tokenizing", "embed": "embedding", "write": "writing"}[step]
+        reason = (f"its worker process died {times} times while {doing} it (killed for memory, or a crash in "
+                  f"native code): {cause}")
         if step == "read":  # the shard's rest cannot be read: a shard failure, the other shards go on
             failure = FailureRecord(fragment, source, reason, None)
             unread.add(source)
