@@ -395,7 +395,10 @@ def _follow(client, job_id: str) -> None:
 def _report_outcome(job) -> None:
     seconds = "" if job.seconds is None else f" after {job.seconds:,.0f} s"
     if job.status != "SUCCEEDED":
-        reason = job.message.strip().splitlines()[0] if job.message.strip() else "no message"
+        lines = job.message.strip().splitlines()
+        # Ray's message quotes the job's last log lines: strata's own error line says it best
+        said = [line.strip() for line in lines if line.startswith("error: ")]
+        reason = said[-1] if said else lines[0] if lines else "no message"
         raise StrataError(f"job {job.job_id} {job.status.lower()}{seconds}: {reason}")
     err.print(f"job {job.job_id} succeeded{seconds}", markup=False, highlight=False)
 

@@ -35,7 +35,8 @@ from pipeline.config import StrataConfig
 from pipeline.errors import StrataError, one_line
 
 JOB_CONFIG = "strata-job.yaml"  # the config's name inside the job's working_dir
-ENTRYPOINT = f"python -m pipeline.cli run {JOB_CONFIG}"
+JOB_LAUNCHER = "strata-job.sh"  # beside it: finds the Python that has strata on the head (job_entrypoint.sh)
+ENTRYPOINT = f"sh {JOB_LAUNCHER}"
 ACTIVE = ("PENDING", "RUNNING")
 CONNECT_TIMEOUT_S = 5.0  # Ray's client has no timeout: an unroutable address would hang for minutes
 STOP_TIMEOUT_S = 120.0
@@ -43,6 +44,7 @@ POLL_S = 0.5
 # Until the head's job agent has registered, its job server answers submissions with this (HTTP
 # 500, after waiting 10 s itself); on a busy machine that lasts well past `ray start --head`.
 NOT_READY = "No available agent to submit job"
+LAUNCHER = Path(__file__).with_name("job_entrypoint.sh")
 SUBMIT_RETRY_S = 60.0  # how long submit keeps asking a head that is not ready
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 8.0  # the wait between tries doubles from the first to the most
 
@@ -100,7 +102,7 @@ def connect(address: str | None):
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         raise JobError(f"cannot reach the Ray job server at {url}: {reason}; check the address, and that the "
                        "head runs the dashboard (ray start --head --dashboard-host=0.0.0.0, with ray[default])") from None
-    _use_ray_token_if_present()
+    use_ray_token_if_present()
     from ray.job_submission import JobSubmissionClient
 
     # "Uploading package ...", "WebSocket closed ...", "Creating a file package ...": not for users
@@ -123,9 +125,11 @@ def _without_address_variables():
         os.environ.update(saved)
 
 
-def _use_ray_token_if_present() -> None:
+def use_ray_token_if_present() -> None:
     """Recent Ray clusters want a token by default; find it where `ray start` does
-    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) unless RAY_AUTH_MODE says otherwise."""
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) unless RAY_AUTH_MODE says otherwise.
+    Both ways into a cluster use it: the job server (`submit`, `jobs`) and `ray.init` (`run` with
+    RAY_ADDRESS)."""
     try:
         from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # a Ray release without token authentication
@@ -193,6 +197,7 @@ def submit(client, config: StrataConfig, name: str, ship_code: bool = False) -> 
     with tempfile.TemporaryDirectory(prefix="strata-job-") as folder:
         # the unredacted config: the job needs storage.options as the user wrote them
         Path(folder, JOB_CONFIG).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        Path(folder, JOB_LAUNCHER).write_text(LAUNCHER.read_text())
         runtime_env: dict = {"working_dir": folder,
                              "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
         if ship_code:

@@ -8,6 +8,8 @@ vectors to the host. Plain Python: the Ray actor is a thin wrapper around it.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +57,8 @@ class Embedder:
         else:
             self.device = device or pick_device()
             if self.device.type == "cpu" and settings.cpu_threads:
-                torch.set_num_threads(settings.cpu_threads)
+                # the driver sizes threads from the whole cluster's CPUs; never more than this machine's cores
+                torch.set_num_threads(min(settings.cpu_threads, len(os.sched_getaffinity(0))))
             self.encoder = Encoder(settings.model, depth, pick_dtype(settings.dtype, self.device), self.device,
                                    settings.device_options)
         self.torch_precision, self.numpy_precision = PRECISIONS[settings.precision]

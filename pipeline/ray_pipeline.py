@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import warnings
 import functools
@@ -31,10 +32,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import ray
+from ray import exceptions as ray_errors
 from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up on raises
 
 from pipeline.config import ComputeConfig
-from pipeline.errors import StrataError, Terminated, one_line, root_cause
+from pipeline.cluster import use_ray_token_if_present
+from pipeline.errors import StrataError, Terminated, escaped, first_line, one_line, root_cause
 from pipeline.sources import Shard
 from pipeline.spec import Simulation
 from pipeline.incremental import DiffTask, diff_shard
@@ -49,8 +52,13 @@ IO_TASK_CPUS = 0.25  # read and write tasks mostly wait on storage
 TOKENIZER_CPUS = 0.5
 DIFF_TASK_CPUS = 0.5  # reads and hashes a whole shard
 # A dead actor (killed for memory, a native crash, a lost node) is restarted and its fragment
-# retried this many times; after that the run stops with the error and a rerun resumes.
+# retried this many times; after that the runner judges the fragment (see runner._after_worker_deaths).
 ACTOR_RETRIES = 2
+# What Ray raises when a process or node went away rather than when strata's code failed: the
+# runner starts a new pass over what is not committed yet (a lost node costs only its fragments).
+LOST_WORKER = (ray_errors.ActorDiedError, ray_errors.ActorUnavailableError, ray_errors.WorkerCrashedError,
+               ray_errors.NodeDiedError, ray_errors.ObjectLostError, ray_errors.OwnerDiedError,
+               ray_errors.OutOfMemoryError, ray_errors.LocalRayletDiedError)
 SHARDS_PER_BLOCK = 256  # small shards read by one task, one after the other
 BLOCK_BYTES = 64 << 20  # input bytes of a block of small shards
 
@@ -88,6 +96,8 @@ def ensure_ray() -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
         _check_reachable(address)
+        if address != "local":  # a cluster started where ~/.ray/auth_token exists wants that token
+            use_ray_token_if_present()
         on_sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with a bare sys.exit
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
@@ -102,15 +112,41 @@ def ensure_ray() -> None:
         finally:
             if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
                 signal.signal(signal.SIGTERM, on_sigterm)
+    _raylet_messages_in_one_line()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     # One fragment per block: without this Ray Data merges a task's outputs up to 128 MiB,
     # so a shard's fragments would travel, embed and commit as one lump instead of streaming
     context.target_max_block_size = 1
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    data_logger = logging.getLogger("ray.data")
+    data_logger.setLevel(logging.ERROR)
+    for handler in data_logger.handlers:  # its errors still reach the session's ray-data.log; on the
+        if type(handler).__name__ != "SessionFileHandler":  # terminal, strata says what happened in a line
+            handler.setLevel(logging.CRITICAL)
     # bounded actor restarts still go through map_batches' remote args (pyproject pins ray < 2.64)
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+
+
+def _raylet_messages_in_one_line() -> None:
+    """Ray prints what the cluster pushes to the driver (a task retried, a node marked dead, a
+    worker killed for memory) on stdout, in colour, over several lines; strata says itself what
+    such an event means for the run. Keep each message's first line, plain, on stderr. (A private
+    hook of Ray's driver, `ray._private.worker.print_to_stdstream`: left alone where it is missing.)"""
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "one_line", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        for message in data.get("lines", []):
+            print(f"strata: Ray: {escaped(first_line(str(message)))[:300]}", file=sys.stderr, flush=True)
+
+    print_to_stdstream.one_line = True
+    worker.print_to_stdstream = print_to_stdstream
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -128,6 +164,23 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def cluster_resources() -> dict[str, float]:
     return ray.cluster_resources()
+
+
+def alive_nodes() -> dict[str, str]:
+    """The cluster's live nodes: node id → IP address (`ray.nodes()`, which keeps dead ones too)."""
+    return {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in ray.nodes() if node.get("Alive")}
+
+
+def lost_worker(exc: BaseException) -> bool:
+    """Did Ray stop because a worker process or a node went away (not because strata's code
+    raised)? Looks through the chain of causes: Ray Data wraps what a task or actor raised."""
+    seen = set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        if isinstance(exc, LOST_WORKER):
+            return True
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return False
 
 
 def plan_resources(compute: ComputeConfig, available: dict[str, float], simulation: Simulation | None = None) -> Resources:

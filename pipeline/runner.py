@@ -43,6 +43,7 @@ from pipeline.tokenize import TextTokenizer
 
 COUNT_THREADS = 8  # shards `strata validate` reads at once
 INDEX_EVERY = 500  # commit records the driver folds into one manifest index file
+MAX_STALLED_RESUMES = 2  # passes in a row that a lost worker ends before any commit, before the run stops
 
 
 class RunFailed(StrataError):
@@ -526,6 +527,8 @@ def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Mani
     remaining = todo
     todo_bytes = int(pc.sum(todo["size"]).as_py() or 0)
     metrics = RunMetrics(plan.config.output.uri, todo_bytes)
+    nodes = ray_pipeline.alive_nodes()
+    resumed_at, stalled = -1, 0  # this run's commits at the last resume after a lost worker; resumes since without one
     with RunProgress(console, todo_bytes, todo.num_rows) as progress:
         while remaining.num_rows:
             try:
@@ -550,27 +553,47 @@ def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Mani
                 raise RunFailed(f"{exc}; nothing more can be embedded until that is fixed (committed fragments are "
                                 "kept: rerun once it is)") from None
             except ray_pipeline.RayError as exc:
-                remaining = _after_worker_deaths(plan, manifest, remaining, own + records, failures, exc, console)
+                # a lost worker or node: go on with what is not committed, unless passes keep
+                # ending that way without a commit (then the cause is not passing: the run stops)
+                stalled = stalled + 1 if len(records) == resumed_at else 0
+                lost = ray_pipeline.lost_worker(exc) and stalled < MAX_STALLED_RESUMES
+                resumed_at = len(records)
+                remaining = _after_worker_deaths(plan, manifest, remaining, own + records, failures, exc, console,
+                                                 lost_nodes(nodes, ray_pipeline.alive_nodes()) if lost else None)
     manifest.fold(unfolded)
     manifest.clear_attempts()
     return records, failures
 
 
+def lost_nodes(before: dict[str, str], now: dict[str, str]) -> str:
+    """The nodes alive at the start and gone now, for a message: `node 10.0.0.7 (3f2a9c1e)`; "" if none."""
+    gone = sorted((address, node) for node, address in before.items() if node not in now)
+    return ", ".join(f"node {address} ({node[:8]})" for address, node in gone)
+
+
 def _after_worker_deaths(plan: Plan, manifest: Manifest, remaining: pa.Table, done: list[CommitRecord],
-                         failures: list[FailureRecord], exc: Exception, console: Console) -> pa.Table:
+                         failures: list[FailureRecord], exc: Exception, console: Console,
+                         lost: str | None = None) -> pa.Table:
     """Ray gave up on a worker that kept dying. A fragment that started a step (tokenize, embed,
     write) more often than Ray retries is what kills it: record it as failed (its shard stays
     unfinished, the rest of the shard is still read); a shard whose read started that often
-    becomes a shard failure and is not read again this run. Then go on. Returns the shards still
-    to read, with what to skip."""
+    becomes a shard failure and is not read again this run. Then go on. Without such a fragment,
+    a worker or node that went away (`lost` is not None: "" or the nodes gone) costs only the
+    fragments it held: say so, and go on with everything not committed. Anything else stops the
+    run. Returns the shards still to read, with what to skip."""
     from pipeline.ray_pipeline import ACTOR_RETRIES
 
     cause = root_cause(exc)
     committed = manifest.committed()
     known = {f.fragment for f in failures}
-    poisoned = {fid: seen for fid, seen in manifest.attempts().items()
-                if fid not in committed and fid not in known and seen[1] > ACTOR_RETRIES}
-    if not poisoned:
+    started = {fid: seen for fid, seen in manifest.attempts().items() if fid not in committed and fid not in known}
+    poisoned = {fid: seen for fid, seen in started.items() if seen[1] > ACTOR_RETRIES}
+    if not poisoned and lost is not None:
+        redo = sorted(started)
+        shown = ", ".join(redo[:5]) + (f" and {len(redo) - 5} more" if len(redo) > 5 else "")
+        console.print(f"strata: lost {lost or 'a worker'} ({cause}); {len(done)} committed fragments are kept, "
+                      f"{len(redo)} started and not committed are done again{': ' + shown if redo else ''}", markup=False, highlight=False)
+    elif not poisoned:
         raise RunFailed(f"the run stopped after {len(done)} fragments: {cause}; committed fragments are kept, "
                         "rerun the same command to resume")
     skip: dict[str, set[int]] = {}

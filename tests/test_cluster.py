@@ -59,8 +59,8 @@ def ray_head():
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--metrics-export-port={metrics}", "--num-cpus=2", "--object-store-memory=268435456",
          f"--temp-dir={temp}", "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
-        # the job's `python` must be this environment's
-        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        # started as .venv/bin/ray without the venv on PATH: the job finds the workers' Python itself
+        env={**os.environ, "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != bin_dir)},
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -171,7 +171,7 @@ def test_submit_waits_for_a_starting_head_runs_the_config_as_a_job_and_exports_m
     job = jobs[job_id]
     assert job["status"] == "SUCCEEDED" and job["output"] == str(output) and job["config"] == "job"
     shown = strata("jobs", "show", job_id, "--address", ray_head.address)
-    assert json.loads(shown.stdout)["entrypoint"] == "python -m pipeline.cli run strata-job.yaml"
+    assert json.loads(shown.stdout)["entrypoint"] == "sh strata-job.sh"
     assert job_id in strata("jobs", "list", "--address", ray_head.address).stdout  # the table keeps ids whole
     for command in ("show", "logs", "stop"):
         assert_one_line_error(strata("jobs", command, "strata-no-such-job", "--address", ray_head.address),
@@ -287,3 +287,33 @@ def test_job_server_address_from_the_flag_or_rays_variables(monkeypatch):
     assert job_server_url(None) == "http://head:8265"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://api:8265")
     assert job_server_url(None) == "http://api:8265" and job_server_url("http://flag:1") == "http://flag:1"
+
+
+def test_the_job_launcher_says_in_one_line_when_no_python_on_the_head_has_strata(tmp_path):
+    """A head whose workers' Python is not found (not Linux, or not under Ray) and whose PATH has
+    only Pythons without strata: one line saying what to do, exit 1 (Ray quotes it in its message)."""
+    from pipeline.cluster import LAUNCHER
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("python", "python3"):
+        (fake / name).write_text("#!/bin/sh\nexit 1\n")
+        (fake / name).chmod(0o755)
+    shutil.copy(LAUNCHER, tmp_path / "strata-job.sh")
+    # run it under a parent that has no Ray loaded, itself orphaned (this test process has Ray)
+    orphan = ("import os, subprocess, sys\n"
+              "if os.fork(): os._exit(0)\n"
+              "os.setsid()\n"
+              "with open('err', 'w') as err:\n"
+              "    code = subprocess.call(['sh', 'strata-job.sh'], stderr=err)\n"
+              "open('code', 'w').write(str(code))\n")
+    subprocess.run([sys.executable, "-I", "-c", orphan], cwd=tmp_path, check=True,
+                   env={"PATH": f"{fake}{os.pathsep}/usr/bin{os.pathsep}/bin"})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "code").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "code").read_text() == "1"
+    said = (tmp_path / "err").read_text().splitlines()
+    assert len(said) == 1, said
+    assert said[0].startswith(f"error: no Python on the Ray head can import strata (tried: {fake}/python {fake}/python3)")
+    assert "activate its venv before ray start" in said[0]
