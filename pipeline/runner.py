@@ -560,13 +560,17 @@ def _execute(plan: Plan, todo: pa.Table, own: list[CommitRecord], manifest: Mani
                 resumed_at = len(records)
                 remaining = _after_worker_deaths(plan, manifest, remaining, own + records, failures, exc, console,
                                                  lost_nodes(nodes, ray_pipeline.alive_nodes()) if lost else None)
+    gone = lost_nodes(nodes, ray_pipeline.alive_nodes())  # Ray marks a node dead seconds after it goes
+    if gone:
+        console.print(f"strata: {gone} left the cluster during the run", markup=False, highlight=False)
     manifest.fold(unfolded)
     manifest.clear_attempts()
     return records, failures
 
 
 def lost_nodes(before: dict[str, str], now: dict[str, str]) -> str:
-    """The nodes alive at the start and gone now, for a message: `node 10.0.0.7 (3f2a9c1e)`; "" if none."""
+    """The nodes alive at the start and gone now, for a message: `node 10.0.0.7 (3f2a9c1e)`; "" if none
+    (`before`, `now`: node id → address, as `ray_pipeline.alive_nodes` gives them)."""
     gone = sorted((address, node) for node, address in before.items() if node not in now)
     return ", ".join(f"node {address} ({node[:8]})" for address, node in gone)
 

@@ -7,6 +7,7 @@ with token authentication on.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -81,6 +82,8 @@ def test_a_node_lost_with_the_model_replica_costs_only_its_fragments_and_the_run
     assert run.returncode == 0, log[-4000:]
     lost = [line for line in log.splitlines() if line.startswith("strata: lost ")]
     assert len(lost) == 1 and "committed fragments are kept" in lost[0] and "done again" in lost[0], log[-4000:]
+    # the node is named once Ray has marked it dead: in the lost line, or at the end of the run
+    assert re.search(r"^strata: .*node \S+ \([0-9a-f]{8}\)", log, re.M), log[-4000:]
     assert "Traceback" not in log and "\x1b[" not in log
 
     summary = json.loads((output / "_manifest" / "run.json").read_text())["summary"]
