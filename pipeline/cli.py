@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -510,6 +511,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _interrupt)
     sys.unraisablehook = _quiet_stops
+    # aiohttp's connection resets inside s3fs's event loop surface as asyncio's "Task exception was
+    # never retrieved" with a traceback each; the request that failed is retried or reported by strata
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     errors.clear_stops()
     try:
         code = app(standalone_mode=False)

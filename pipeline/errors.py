@@ -58,15 +58,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def one_line(exc: BaseException) -> str:
     """An exception as one line for an error message: its type and the first line of its text
     (terminal colour codes removed: Ray colours the names of its workers)."""
-    first = first_line(str(exc))
+    lines = _ANSI.sub("", str(exc)).strip().splitlines()
+    # Ray ends some first lines with the start of a chained traceback: "...: Traceback (most recent call last):"
+    first = lines[0].split("Traceback (most recent call last)")[0].rstrip(" :") if lines else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def first_line(text: str) -> str:
-    """The first line of a message, without terminal colour codes, and without the start of a
-    chained traceback that Ray ends some first lines with ("...: Traceback (most recent call last):")."""
-    lines = _ANSI.sub("", text).strip().splitlines()
-    return lines[0].split("Traceback (most recent call last)")[0].rstrip(" :") if lines else ""
 
 
 def escaped(text: str) -> str:

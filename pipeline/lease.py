@@ -233,7 +233,7 @@ class Lease:
                     f"renewing the lease on {self.location.uri()} took {time.monotonic() - started:.0f} s, and it "
                     f"stood unrenewed for up to {still:.0f} s of run.lease_ttl {self.ttl:.0f} s: another run could "
                     "take the output over at any moment, so this run stops here and changes nothing more (committed "
-                    "fragments are kept); raise run.lease_ttl for a store this slow")
+                    "fragments are kept); raise run.lease_ttl for a store this slow or a driver this busy")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_every):

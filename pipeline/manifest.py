@@ -446,10 +446,22 @@ def check_output_folder(location: Location) -> None:
                           "choose another output.uri")
 
 
+def check_bucket(location: Location) -> None:
+    """On object storage, the output's bucket must exist: strata never creates one (a typo in
+    output.uri would otherwise make a new bucket wherever the credentials allow)."""
+    bucket = "" if location.is_local else location.root.strip("/").split("/", 1)[0]
+    if bucket and not location.fs.exists(bucket):
+        raise OutputError(f"output.uri {location.uri()}: bucket {bucket} does not exist or these credentials cannot "
+                          "see it; strata never creates buckets: create it, or fix output.uri")
+
+
 def check_writable(location: Location) -> None:
-    """Fail early, with the path in the message, when the output cannot be created."""
+    """Fail early, with the path in the message, when the output cannot be created. Folders are
+    made on local disks only: on object storage a "folder" is a key prefix, and fsspec's makedirs
+    creates a missing bucket (s3fs, gcsfs) — a typo in output.uri must not create one."""
     try:
-        location.fs.makedirs(location.path(FRAGMENTS_DIR), exist_ok=True)
+        if location.is_local:
+            location.fs.makedirs(location.path(FRAGMENTS_DIR), exist_ok=True)
         probe = location.path(WRITE_PROBE)
         location.fs.pipe_file(probe, b"ok")
         location.fs.rm(probe)

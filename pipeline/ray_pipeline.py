@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import warnings
 import functools
@@ -37,7 +36,7 @@ from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up
 
 from pipeline.config import ComputeConfig
 from pipeline.cluster import use_ray_token_if_present
-from pipeline.errors import StrataError, Terminated, escaped, first_line, one_line, root_cause
+from pipeline.errors import StrataError, Terminated, one_line, root_cause
 from pipeline.sources import Shard
 from pipeline.spec import Simulation
 from pipeline.incremental import DiffTask, diff_shard
@@ -112,7 +111,7 @@ def ensure_ray() -> None:
         finally:
             if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
                 signal.signal(signal.SIGTERM, on_sigterm)
-    _raylet_messages_in_one_line()
+    _raylet_messages_off()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -128,24 +127,24 @@ def ensure_ray() -> None:
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
 
 
-def _raylet_messages_in_one_line() -> None:
+def _raylet_messages_off() -> None:
     """Ray prints what the cluster pushes to the driver (a task retried, a node marked dead, a
-    worker killed for memory) on stdout, in colour, over several lines; strata says itself what
-    such an event means for the run. Keep each message's first line, plain, on stderr. (A private
-    hook of Ray's driver, `ray._private.worker.print_to_stdstream`: left alone where it is missing.)"""
+    worker killed for memory) on stdout, in colour, over several lines, and from a thread of its
+    own: even after strata's last line. strata says itself what each such event means for the run
+    (a failure record with its cause, a lost node and the fragments redone); the raylets' logs
+    keep Ray's text. (A private hook of Ray's driver, `ray._private.worker.print_to_stdstream`:
+    left alone where it is missing.)"""
     from ray._private import worker
 
     original = getattr(worker, "print_to_stdstream", None)
-    if original is None or getattr(original, "one_line", False):
+    if original is None or getattr(original, "strata", False):
         return
 
     def print_to_stdstream(data, ignore_prefix: bool):
         if data.get("pid") != "raylet":
-            return original(data, ignore_prefix)
-        for message in data.get("lines", []):
-            print(f"strata: Ray: {escaped(first_line(str(message)))[:300]}", file=sys.stderr, flush=True)
+            original(data, ignore_prefix)
 
-    print_to_stdstream.one_line = True
+    print_to_stdstream.strata = True
     worker.print_to_stdstream = print_to_stdstream
 
 

@@ -31,7 +31,7 @@ from pipeline.incremental import DiffTask, changes_name
 from pipeline.lease import Lease, OutputBusy
 from pipeline.manifest import (FRAGMENTS_DIR, HASHES_DIR, RUN_FILE, CommitRecord, FailureRecord, Manifest, check_output_folder,
                                hash_file_of,
-                               check_writable)
+                               check_bucket, check_writable)
 from pipeline.model import ModelInfo, check_model_folder, resolve_model
 from pipeline.output import file_metadata
 from pipeline.progress import RunProgress, byte_size, count_of, summary_table
@@ -113,6 +113,7 @@ def check_output(config: StrataConfig) -> Location:
                           "inside the other): strata would read its own output as input or write among the input's "
                           "files; put the output somewhere else")
     location = Location.from_uri(config.output.uri, config.storage)
+    check_bucket(location)
     check_output_folder(location)
     outer = location.enclosing(RUN_FILE)
     if outer is not None:

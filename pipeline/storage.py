@@ -211,7 +211,8 @@ class Location:
                 self.fs.invalidate_cache(target)
             return answer["ETag"].strip('"')
         folder, name = posixpath.split(target)
-        self.fs.makedirs(folder, exist_ok=True)
+        if self.is_local:  # elsewhere a folder is a key prefix (and makedirs would create a bucket)
+            self.fs.makedirs(folder, exist_ok=True)
         with _folder_lock(folder) if self.is_local else _nothing():
             found = self.read_tagged(*parts)
             if (found is None) != (tag is None) or (found is not None and found[1] != tag):

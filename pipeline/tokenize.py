@@ -211,13 +211,14 @@ class TextTokenizer:
         if self.words:
             cut = [words[: self.max_length] for words in texts]
         else:
+            # no whitespace to cut at (None): a prefix stands in, and `_unbroken` decides below
             cut = [_prefix_at_whitespace(text, limit) for text in texts]
-        encodings = self._batch(cut)
+        encodings = self._batch([text[:limit] if prefix is None else prefix for prefix, text in zip(cut, texts)])
         for i, (prefix, text, encoding) in enumerate(zip(cut, texts, encodings)):
             if self.words:
                 if len(prefix) < len(text) and not encoding.overflowing:
                     encodings[i] = self.backend.encode(text, is_pretokenized=True)
-            elif len(text) > limit and (len(prefix) == len(text) or not encoding.overflowing):
+            elif len(text) > limit and (prefix is None or not encoding.overflowing):
                 encodings[i] = self._unbroken(text, limit)
         return encodings
 
@@ -252,11 +253,13 @@ class TextTokenizer:
         return (content[0][0], content[-1][1]) if content else (0, 0)
 
 
-def _prefix_at_whitespace(text: str, limit: int) -> str:
+def _prefix_at_whitespace(text: str, limit: int) -> str | None:
+    """The text up to its last whitespace within `limit` characters (all of a short text); None
+    when a long text has no whitespace there."""
     if len(text) <= limit:
         return text
     cut = max(text.rfind(space, 0, limit) for space in " \n\t")
-    return text[:cut] if cut > 0 else text
+    return text[:cut] if cut > 0 else None
 
 
 def special_counts(backend) -> tuple[int, int]:

@@ -258,3 +258,32 @@ def test_a_stop_that_a_library_swallows_still_stops_the_run():
             errors.raise_if_stopped()
         errors.clear_stops()
     errors.raise_if_stopped()
+
+
+def test_connection_resets_inside_the_storage_event_loop_print_no_tracebacks(tmp_path):
+    """s3fs runs aiohttp on an event loop of its own; a connection reset in a task nobody awaits
+    is logged by asyncio as "Task exception was never retrieved" with a traceback (five of them
+    when the store was down for 20 s). strata retries or reports the request itself."""
+    script = f"""
+import asyncio, gc, sys
+from pipeline.cli import main
+sys.argv = ["strata", "status", {str(tmp_path / "nothing")!r}]
+try:
+    main()
+except SystemExit:
+    pass
+
+async def reset():
+    raise ConnectionResetError("Connection reset by peer")
+
+async def leave_a_task_unretrieved():
+    asyncio.get_running_loop().create_task(reset())
+    await asyncio.sleep(0.05)
+
+asyncio.run(leave_a_task_unretrieved())
+gc.collect()
+sys.exit(1)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "holds no strata run")  # the status line, and nothing after it
+    assert "Task exception was never retrieved" not in result.stderr and "Traceback" not in result.stderr

@@ -85,6 +85,7 @@ def test_a_node_lost_with_the_model_replica_costs_only_its_fragments_and_the_run
     # the node is named once Ray has marked it dead: in the lost line, or at the end of the run
     assert re.search(r"^strata: .*node \S+ \([0-9a-f]{8}\)", log, re.M), log[-4000:]
     assert "Traceback" not in log and "\x1b[" not in log
+    assert "retries remaining" not in log and "marked dead" not in log  # Ray's pushed messages: strata says it
 
     summary = json.loads((output / "_manifest" / "run.json").read_text())["summary"]
     assert (summary["docs"], summary["quarantined"], summary["failed_rows"]) == (CORPUS_ROWS, 0, 0)

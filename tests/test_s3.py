@@ -93,6 +93,20 @@ def test_bad_object_storage_fails_fast_with_one_line(s3, tmp_path, case):
     print(case, "->", lines[0], f"({time.monotonic() - started:.1f} s)")
 
 
+def test_an_output_bucket_that_does_not_exist_is_one_line_and_never_created(s3, tmp_path):
+    endpoint, fs = s3
+    path = write_config(tmp_path / "c.yaml", input={"uri": str(CORPUS / "part-0.jsonl")},
+                        output={"uri": "s3://typo-bucket/out"}, storage={"endpoint_url": endpoint})
+    for command in ("validate", "run"):
+        result = strata(command, str(path))
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1, result.stdout[-2000:] + result.stderr
+        assert lines[0] == ("error: output.uri s3://typo-bucket/out: bucket typo-bucket does not exist or these "
+                            "credentials cannot see it; strata never creates buckets: create it, or fix output.uri")
+        fs.invalidate_cache()
+        assert "typo-bucket" not in [b.rstrip("/") for b in fs.ls("")]
+
+
 def test_model_folder_from_s3_is_cached_verified_and_gives_the_same_vectors(ray_cluster, s3, model_info, tmp_path):
     endpoint, fs = s3
     fs.put(model_info.path.rstrip("/") + "/", "corpus/models/minilm/", recursive=True)

@@ -37,11 +37,12 @@ def test_cutting_long_texts_changes_no_token(tokenizer):
     assert sum(bool(w.overflowing) for w in whole) == len(texts) - 3
 
 
-def test_a_huge_unbroken_document_is_tokenized_from_a_prefix_not_whole(tokenizer):
+@pytest.mark.parametrize("text", ["word " + "." * 12_000_000, "supercalifragilistic." * 600_000],
+                         ids=["a word and dots", "no whitespace at all"])
+def test_a_huge_unbroken_document_is_tokenized_from_a_prefix_not_whole(tokenizer, text):
     """12 MB of one word and dots made the tokenizer allocate ~6 GB (about 500 bytes per character)
-    and killed its worker. Its first window comes from prefixes of a few thousand characters now:
-    the backend never sees the whole text."""
-    text = "word " + "." * 12_000_000
+    and killed its worker; 12.6 MB of words joined by dots, 1.1 GB. Its first window comes from
+    prefixes of a few thousand characters now: the backend never sees the whole text."""
     seen = []
     real = tokenizer.backend
 
