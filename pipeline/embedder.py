@@ -58,7 +58,7 @@ class Embedder:
             self.device = device or pick_device()
             if self.device.type == "cpu" and settings.cpu_threads:
                 # the driver sizes threads from the whole cluster's CPUs; never more than this machine's cores
-                torch.set_num_threads(min(settings.cpu_threads, len(os.sched_getaffinity(0))))
+                torch.set_num_threads(min(settings.cpu_threads, _usable_cores()))
             self.encoder = Encoder(settings.model, depth, pick_dtype(settings.dtype, self.device), self.device,
                                    settings.device_options)
         self.torch_precision, self.numpy_precision = PRECISIONS[settings.precision]
@@ -154,3 +154,8 @@ def _padded(flat: np.ndarray, starts: np.ndarray, batch: np.ndarray, valid: np.n
     padded = np.full(valid.shape, fill, np.int64)
     padded[valid] = np.concatenate([flat[starts[w] : starts[w + 1]] for w in batch])
     return padded
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

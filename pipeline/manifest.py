@@ -449,10 +449,16 @@ def check_output_folder(location: Location) -> None:
 def check_bucket(location: Location) -> None:
     """On object storage, the output's bucket must exist: strata never creates one (a typo in
     output.uri would otherwise make a new bucket wherever the credentials allow)."""
-    bucket = "" if location.is_local else location.root.strip("/").split("/", 1)[0]
-    if bucket and not location.fs.exists(bucket):
-        raise OutputError(f"output.uri {location.uri()}: bucket {bucket} does not exist or these credentials cannot "
-                          "see it; strata never creates buckets: create it, or fix output.uri")
+    if not location.is_s3:
+        return
+    bucket = location.root.strip("/").split("/", 1)[0]
+    try:
+        location.fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:  # 404: no such bucket
+        raise OutputError(f"output.uri {location.uri()}: bucket {bucket} does not exist; strata never creates "
+                          "buckets: create it, or fix output.uri") from None
+    except Exception:  # noqa: BLE001 - denied or unreachable: the checks that follow say so in their own words
+        return
 
 
 def check_writable(location: Location) -> None:

@@ -101,8 +101,8 @@ def test_an_output_bucket_that_does_not_exist_is_one_line_and_never_created(s3, 
         result = strata(command, str(path))
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 1 and len(lines) == 1, result.stdout[-2000:] + result.stderr
-        assert lines[0] == ("error: output.uri s3://typo-bucket/out: bucket typo-bucket does not exist or these "
-                            "credentials cannot see it; strata never creates buckets: create it, or fix output.uri")
+        assert lines[0] == ("error: output.uri s3://typo-bucket/out: bucket typo-bucket does not exist; strata never "
+                            "creates buckets: create it, or fix output.uri")
         fs.invalidate_cache()
         assert "typo-bucket" not in [b.rstrip("/") for b in fs.ls("")]
 
