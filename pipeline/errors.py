@@ -70,16 +70,22 @@ def escaped(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def causes(exc: BaseException) -> list[BaseException]:
+    """The exception and the chain of causes it wraps, outermost first (Ray's task errors keep the
+    worker's exception in `cause`; Python's own chain is `__cause__`); a cycle ends the chain."""
+    chain, seen = [exc], {id(exc)}
+    while True:
+        inner = getattr(chain[-1], "cause", None) or chain[-1].__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            return chain
+        seen.add(id(inner))
+        chain.append(inner)
+
+
 def root_cause(exc: BaseException) -> str:
     """The exception that started it all, as one line: a user error's own message, or the
     innermost cause of a chain of wrappers (Ray's task errors wrap the worker's exception)."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
+    exc = causes(exc)[-1]
     return str(exc) if isinstance(exc, StrataError) else one_line(exc)
 
 

@@ -36,7 +36,7 @@ from ray.exceptions import RayError  # noqa: F401 - what a run that Ray gives up
 
 from pipeline.config import ComputeConfig
 from pipeline.cluster import use_ray_token_if_present
-from pipeline.errors import StrataError, Terminated, one_line, root_cause
+from pipeline.errors import StrataError, Terminated, causes, one_line, root_cause
 from pipeline.sources import Shard
 from pipeline.spec import Simulation
 from pipeline.incremental import DiffTask, diff_shard
@@ -173,13 +173,7 @@ def alive_nodes() -> dict[str, str]:
 def lost_worker(exc: BaseException) -> bool:
     """Did Ray stop because a worker process or a node went away (not because strata's code
     raised)? Looks through the chain of causes: Ray Data wraps what a task or actor raised."""
-    seen = set()
-    while isinstance(exc, BaseException) and id(exc) not in seen:
-        if isinstance(exc, LOST_WORKER):
-            return True
-        seen.add(id(exc))
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return False
+    return any(isinstance(inner, LOST_WORKER) for inner in causes(exc))
 
 
 def plan_resources(compute: ComputeConfig, available: dict[str, float], simulation: Simulation | None = None) -> Resources:

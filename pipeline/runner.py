@@ -597,7 +597,8 @@ def _after_worker_deaths(plan: Plan, manifest: Manifest, remaining: pa.Table, do
         redo = sorted(started)
         shown = ", ".join(redo[:5]) + (f" and {len(redo) - 5} more" if len(redo) > 5 else "")
         console.print(f"strata: lost {lost or 'a worker'} ({cause}); {len(done)} committed fragments are kept, "
-                      f"{len(redo)} started and not committed are done again{': ' + shown if redo else ''}", markup=False, highlight=False)
+                      f"{len(redo)} started and not committed are done again{': ' + shown if redo else ''}",
+                      markup=False, highlight=False)
     elif not poisoned:
         raise RunFailed(f"the run stopped after {len(done)} fragments: {cause}; committed fragments are kept, "
                         "rerun the same command to resume")
